@@ -1,0 +1,115 @@
+"""Command line: ``python -m ahn_kernels {info,check,bench}``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+
+def _devices() -> list[str]:
+    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def cmd_info(args) -> int:
+    from . import _backend
+
+    info = _backend.build_info()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, "
+          f"CUDA device: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}")
+    if info.get("error"):
+        print(f"compiled extension: MISSING ({info['error']}); every op runs its PyTorch reference")
+    else:
+        print("compiled extension: " + ", ".join(f"{k}={v}" for k, v in info.items()))
+    print(f"triton interpreter (TRITON_INTERPRET=1): {'on' if _backend.triton_interpret() else 'off'}")
+    print()
+    devices = _devices()
+    header = f"{'op':34s}" + "".join(f"{d + ' (default / available)':44s}" for d in devices)
+    print(header)
+    for op in _backend.KERNELS:
+        row = f"{op:34s}"
+        for d in devices:
+            avail = _backend.available(op, d)
+            row += f"{avail[0] + ' / ' + ', '.join(avail):44s}"
+        print(row)
+    return 0
+
+
+def cmd_check(args) -> int:
+    from .check import run_checks
+
+    return run_checks()
+
+
+def cmd_bench(args) -> int:
+    from . import benchmarks
+
+    device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
+    cases = benchmarks.default_cases(device, quick=args.quick)
+    jobs = [(c, p) for c in cases for p in c.providers]
+    rows = []
+    for i, (case, provider) in enumerate(jobs):
+        _progress(i, len(jobs), f"{case.name} [{provider}]")
+        fn = case.providers[provider]()
+        rows.append((case, provider, benchmarks.time_fn(fn, warmup=1, reps=args.reps)))
+    _progress(len(jobs), len(jobs), "done")
+    print()
+    times = {(c.name, p): t for c, p, t in rows}
+    print(f"{'case':66s} {'provider':13s} {'median ms':>10s} {'tokens/s':>11s} {'GFLOP/s':>8s} {'speed-up':>9s}")
+    for case, provider, t in rows:
+        ratio = ""
+        if provider == "ahn" and (case.name, case.peer) in times:
+            ratio = f"{times[(case.name, case.peer)] / t:.2f}x"
+        gflops = f"{case.flops / t / 1e9:8.1f}" if case.flops and provider == "ahn" else ""
+        print(f"{case.name:66s} {provider:13s} {t * 1e3:10.2f} {case.tokens / t:11.0f} {gflops:>8s} {ratio:>9s}")
+    print("speed-up = peer median / ahn median, same run, "
+          f"{torch.get_num_threads()} threads, device {device}")
+    if args.plot:
+        _plot(rows, times, args.plot)
+    return 0
+
+
+def _progress(i: int, n: int, what: str) -> None:
+    width = 30
+    done = width * i // max(n, 1)
+    sys.stderr.write(f"\r[{'#' * done}{'.' * (width - done)}] {i}/{n} {what[:70]:70s}")
+    sys.stderr.flush()
+
+
+def _plot(rows, times, path: str) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SystemExit("--plot needs matplotlib: pip install matplotlib")
+    names = [c.name for c, p, _ in rows if p == "ahn" and (c.name, c.peer) in times]
+    speedups = [times[(n, c.peer)] / times[(n, "ahn")] for n, c in
+                ((c.name, c) for c, p, _ in rows if p == "ahn" and (c.name, c.peer) in times)]
+    fig, ax = plt.subplots(figsize=(10, 0.45 * len(names) + 1.5))
+    ax.barh(names, speedups)
+    ax.axvline(1.0, color="k", lw=0.8)
+    ax.set_xlabel("speed-up over the peer (same run)")
+    ax.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"plot written to {path}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ahn_kernels", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="what was built and which backend serves each op")
+    sub.add_parser("check", help="every available backend against the reference on random inputs")
+    bench = sub.add_parser("bench", help="default shapes against the peers, with speed-ups")
+    bench.add_argument("--quick", action="store_true", help="4x shorter sequences")
+    bench.add_argument("--reps", type=int, default=3, help="timed runs per provider (median reported)")
+    bench.add_argument("--cpu", action="store_true", help="benchmark on the CPU even when a GPU is present")
+    bench.add_argument("--plot", metavar="FILE.png", help="also write a bar chart of the speed-ups")
+    args = parser.parse_args(argv)
+    return {"info": cmd_info, "check": cmd_check, "bench": cmd_bench}[args.command](args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,13 @@
+"""Sliding-window attention with sinks against scaled_dot_product_attention with a window mask."""
+
+import pytest
+
+from ahn_kernels import benchmarks
+
+CASES = benchmarks.swa_cases()
+
+
+@pytest.mark.parametrize("provider", ["ahn", "sdpa_mask"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_swa(run_case, case, provider):
+    run_case(case, provider)

@@ -1,0 +1,44 @@
+"""pytest-benchmark harness: every case times ``ahn`` and its peers in the same run.
+
+The terminal summary prints, per case, each provider's median, tokens/s and the
+speed-up of ``ahn`` over the case's peer (peer time / ahn time).
+With ``--benchmark-disable`` each provider runs once (a smoke test, as in CI).
+"""
+
+import pytest
+
+ROUNDS = 5
+_results: dict[str, dict] = {}
+
+
+@pytest.fixture
+def run_case(benchmark):
+    def run(case, provider):
+        if provider not in case.providers:
+            pytest.skip(f"{provider} is not importable here")
+        fn = case.providers[provider]()
+        benchmark.group = case.name
+        benchmark.pedantic(fn, rounds=ROUNDS, warmup_rounds=1, iterations=1)
+        if benchmark.stats is None:  # --benchmark-disable
+            return
+        median = benchmark.stats.stats.median
+        benchmark.extra_info["tokens_per_s"] = case.tokens / median
+        if case.flops:
+            benchmark.extra_info["gflops"] = case.flops / median / 1e9
+        _results.setdefault(case.name, {"case": case, "times": {}})["times"][provider] = median
+    return run
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not _results:
+        return
+    tr = terminalreporter
+    tr.section("ahn_kernels: speed-up against the peer in the same run")
+    tr.write_line(f"{'case':64s} {'provider':14s} {'median ms':>10s} {'tokens/s':>12s} {'speed-up':>9s}")
+    for name, entry in _results.items():
+        case, times = entry["case"], entry["times"]
+        for provider, t in times.items():
+            ratio = ""
+            if provider == "ahn" and case.peer in times:
+                ratio = f"{times[case.peer] / t:8.2f}x"
+            tr.write_line(f"{name:64s} {provider:14s} {t * 1e3:10.2f} {case.tokens / t:12.0f} {ratio:>9s}")

@@ -1,0 +1,50 @@
+// Delta rule and gated delta rule: parameters and launchers (torch-free).
+//
+// Per state head h (HS = max(HQ, HK, HV)), token by token:
+//   S_t = exp(g_t) (I - beta_t k_t k_tᵀ) S_{t-1} + beta_t k_t v_tᵀ      (g = 0 for DeltaNet)
+//   o_t = scale · S_tᵀ q_t
+// with q, k L2-normalised in-kernel (eps 1e-6) when `l2norm` is set. State head h
+// reads q head h / (HS/HQ), k head h / (HS/HK), v head h / (HS/HV).
+#pragma once
+
+#include <cstdint>
+
+#include "common/dtype.h"
+
+namespace ahn {
+
+struct FusedRecurrentParams {
+  // Pointers (host or device addresses of the first element).
+  const void* q = nullptr;             // [B, T, HQ, K]  dtype
+  const void* k = nullptr;             // [B, T, HK, K]  dtype
+  const void* v = nullptr;             // [B, T, HV, V]  dtype
+  const float* g = nullptr;            // [B, T, HS]     fp32 log-decay; nullptr for DeltaNet
+  const float* beta = nullptr;         // [B, T, HS]     fp32
+  const float* h0 = nullptr;           // [N, HS, K, V]  fp32 contiguous; nullptr = zeros
+  void* o = nullptr;                   // [B, T, HS, V]  dtype, contiguous
+  float* ht = nullptr;                 // [N, HS, K, V]  fp32 contiguous; nullptr = not stored
+  const int64_t* cu_seqlens = nullptr; // [N + 1]; nullptr = N = B sequences of length T
+
+  // Sizes.
+  int64_t B = 0, T = 0, N = 0;
+  int64_t HQ = 0, HK = 0, HV = 0, HS = 0;
+  int64_t K = 0, V = 0;
+
+  // Strides in elements over (batch, time, head); the last dim has stride 1.
+  int64_t q_sb = 0, q_st = 0, q_sh = 0;
+  int64_t k_sb = 0, k_st = 0, k_sh = 0;
+  int64_t v_sb = 0, v_st = 0, v_sh = 0;
+  int64_t g_sb = 0, g_st = 0, g_sh = 0;
+  int64_t beta_sb = 0, beta_st = 0, beta_sh = 0;
+
+  float scale = 1.f;
+  bool l2norm = false;
+  DType dtype = DType::f32;  // of q, k, v and o
+};
+
+// CPU: OpenMP over sequences x state heads, `num_threads` threads.
+void launch_fused_recurrent_fwd_cpu(const FusedRecurrentParams& p, int num_threads);
+// CUDA: one block per (sequence, state head, V tile); `stream` is a cudaStream_t.
+void launch_fused_recurrent_fwd_cuda(const FusedRecurrentParams& p, void* stream);
+
+}  // namespace ahn
