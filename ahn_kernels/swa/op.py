@@ -1,0 +1,199 @@
+"""Sliding-window attention with sinks: ``torch.ops.ahn.swa_attention`` (+ backward) and ``swa_decode``."""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _backend, _validate as check
+from . import reference
+
+# ----------------------------------------------------------------------------
+# 1. schemas. window_size None = full causal. The forward returns lse, which
+#    the backward needs; swa_decode writes the new token into the cache.
+# ----------------------------------------------------------------------------
+torch.library.define(
+    "ahn::swa_attention",
+    "(Tensor q, Tensor k, Tensor v, int? window_size, int num_sinks, float softmax_scale, "
+    "Tensor? cu_seqlens) -> (Tensor, Tensor)",
+)
+torch.library.define(
+    "ahn::swa_attention_bwd",
+    "(Tensor do, Tensor? dlse, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, int? window_size, "
+    "int num_sinks, float softmax_scale, Tensor? cu_seqlens) -> (Tensor, Tensor, Tensor)",
+)
+torch.library.define(
+    "ahn::swa_decode",
+    "(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor k_new, Tensor v_new, Tensor cache_seqlens, "
+    "int window_size, int num_sinks, float softmax_scale) -> Tensor",
+)
+
+
+# ----------------------------------------------------------------------------
+# 2. device implementations
+# ----------------------------------------------------------------------------
+def _fwd(q, k, v, window_size, num_sinks, softmax_scale, cu_seqlens):
+    _backend.choose("swa_attention", q.device.type)
+    return reference.blockwise(q, k, v, window_size, num_sinks, softmax_scale, cu_seqlens)
+
+
+def _bwd(do, dlse, q, k, v, o, lse, window_size, num_sinks, softmax_scale, cu_seqlens):
+    _backend.choose("swa_attention", q.device.type)
+    return reference.blockwise_bwd(do, dlse, q, k, v, o, lse, window_size, num_sinks, softmax_scale, cu_seqlens)
+
+
+def _decode(q, k_cache, v_cache, k_new, v_new, cache_seqlens, window_size, num_sinks, softmax_scale):
+    _backend.choose("swa_decode", q.device.type)
+    return reference.decode(q, k_cache, v_cache, k_new, v_new, cache_seqlens, window_size, num_sinks,
+                            softmax_scale)
+
+
+for _key in ("CPU", "CUDA"):
+    torch.library.impl("ahn::swa_attention", _key, _fwd)
+    torch.library.impl("ahn::swa_attention_bwd", _key, _bwd)
+    torch.library.impl("ahn::swa_decode", _key, _decode)
+
+
+# ----------------------------------------------------------------------------
+# 3. fakes (allocate as the implementations do: fresh, contiguous)
+# ----------------------------------------------------------------------------
+@torch.library.register_fake("ahn::swa_attention")
+def _(q, k, v, window_size, num_sinks, softmax_scale, cu_seqlens):
+    B, T, HQ, D = q.shape
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return q.new_empty(B, T, HQ, D), q.new_empty(B, HQ, T, dtype=lse_dtype)
+
+
+@torch.library.register_fake("ahn::swa_attention_bwd")
+def _(do, dlse, q, k, v, o, lse, window_size, num_sinks, softmax_scale, cu_seqlens):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+@torch.library.register_fake("ahn::swa_decode")
+def _(q, k_cache, v_cache, k_new, v_new, cache_seqlens, window_size, num_sinks, softmax_scale):
+    return q.new_empty(q.shape)
+
+
+# ----------------------------------------------------------------------------
+# 4. autograd (swa_decode has none: it is an inference op)
+# ----------------------------------------------------------------------------
+def _setup(ctx, inputs, output):
+    q, k, v, window_size, num_sinks, softmax_scale, cu_seqlens = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse, cu_seqlens)
+    ctx.window_size, ctx.num_sinks, ctx.softmax_scale = window_size, num_sinks, softmax_scale
+
+
+def _backward(ctx, do, dlse):
+    q, k, v, o, lse, cu_seqlens = ctx.saved_tensors
+    if do is None:  # only lse was used
+        do = torch.zeros_like(o)
+    dq, dk, dv = torch.ops.ahn.swa_attention_bwd(do, dlse, q, k, v, o, lse, ctx.window_size, ctx.num_sinks,
+                                                 ctx.softmax_scale, cu_seqlens)
+    return dq, dk, dv, None, None, None, None
+
+
+def _no_double_backward(ctx, *grads):
+    raise NotImplementedError("swa_attention: double backward (gradients of gradients) is not supported")
+
+
+torch.library.register_autograd("ahn::swa_attention", _backward, setup_context=_setup)
+# Without an autograd formula of its own, a second backward through the bwd op
+# would silently return nothing (PyTorch only warns): fail loudly instead.
+torch.library.register_autograd("ahn::swa_attention_bwd", _no_double_backward)
+
+
+# ----------------------------------------------------------------------------
+# 5. public functions
+# ----------------------------------------------------------------------------
+def _scale(softmax_scale, D: int) -> float:
+    if softmax_scale is None:
+        return D ** -0.5
+    if not isinstance(softmax_scale, (int, float)) or isinstance(softmax_scale, bool):
+        raise TypeError(f"softmax_scale: expected a float or None, got {softmax_scale!r}")
+    return float(softmax_scale)
+
+
+def swa_attention(q, k, v, window_size, num_sinks=0, softmax_scale=None, *, cu_seqlens=None, return_lse=False):
+    """Causal sliding-window attention with sink tokens, GQA and variable-length batches.
+
+    Key ``j`` is visible to query ``i`` (positions within one sequence) iff
+    ``j <= i`` and (``i - j < window_size`` or ``j < num_sinks``).
+
+    Args:
+        q: [B, T, HQ, D]
+        k, v: [B, T, HK, D], HK divides HQ (grouped query heads share k/v; nothing is repeated).
+        window_size: W >= 1 recent keys (the query's own key included, sinks excluded), or None for full causal.
+        num_sinks: S, the first S tokens of each sequence are visible to every later query.
+        softmax_scale: default D^-0.5.
+        cu_seqlens: [N+1] int32/int64 offsets of a packed batch (B = 1); empty sequences allowed.
+        return_lse: also return the softmax log-sum-exp.
+    Returns:
+        o [B, T, HQ, D] in q.dtype; with ``return_lse``, (o, lse [B, HQ, T] fp32).
+    Differentiable in q, k, v (and through lse).
+    """
+    check.tensor("q", q, ndim=4, dims="B T HQ D")
+    B, T, HQ, D = q.shape
+    check.tensor("k", k, ndim=4, dims="B T HK D")
+    check.tensor("v", v, ndim=4, dims="B T HK D")
+    check.same_dtype("q", q, k=k, v=v)
+    check.same_device("q", q, k=k, v=v)
+    check.shape("k", k, (B, T, None, D), "B T HK D")
+    if HQ % k.shape[2]:
+        raise ValueError(f"k: its {k.shape[2]} heads (HK) must divide the {HQ} query heads (HQ)")
+    check.shape("v", v, tuple(k.shape), "B T HK D")
+    check.head_dim("q", D)
+    if window_size is not None:
+        check.window(window_size)
+    check.sinks(num_sinks)
+    scale = _scale(softmax_scale, D)
+    check.cu_seqlens(cu_seqlens, q, B, T)
+    o, lse = torch.ops.ahn.swa_attention(q, k, v, window_size, num_sinks, scale, cu_seqlens)
+    return (o, lse) if return_lse else o
+
+
+def swa_decode(q, k_cache, v_cache, k_new, v_new, cache_seqlens, window_size, num_sinks=0, softmax_scale=None):
+    """One decode step of sliding-window attention over the AHN ring-buffer KV cache.
+
+    Token p lives in slot p if p < S, else in slot S + (p - S) mod W. The step
+    writes k_new/v_new into slot(cache_seqlens[b]) in place (overwriting the
+    token that left the window: fold it into the memory first, see
+    ``ahn_evict_update``), then attends over the sinks and the window. It does
+    not advance ``cache_seqlens``. No host sync, no data-dependent shape.
+
+    Args:
+        q: [B, 1, HQ, D]
+        k_cache, v_cache: [B, S + W, HK, D], mutated.
+        k_new, v_new: [B, 1, HK, D]
+        cache_seqlens: [B] int32, the position of the new token (= tokens already seen).
+        window_size: W >= 1. num_sinks: S >= 0. softmax_scale: default D^-0.5.
+    Returns:
+        o [B, 1, HQ, D] in q.dtype.
+    """
+    check.tensor("q", q, ndim=4, dims="B 1 HQ D")
+    B, _, HQ, D = q.shape
+    check.window(window_size)
+    check.sinks(num_sinks)
+    check.shape("q", q, (B, 1, HQ, D), "B 1 HQ D")
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        check.tensor(name, t, ndim=4, dims="B S+W HK D")
+    HK = k_cache.shape[2]
+    check.shape("k_cache", k_cache, (B, num_sinks + window_size, HK, D), "B S+W HK D")
+    check.shape("v_cache", v_cache, (B, num_sinks + window_size, HK, D), "B S+W HK D")
+    for name, t in (("k_new", k_new), ("v_new", v_new)):
+        check.tensor(name, t, ndim=4, dims="B 1 HK D")
+        check.shape(name, t, (B, 1, HK, D), "B 1 HK D")
+    check.same_dtype("q", q, k_cache=k_cache, v_cache=v_cache, k_new=k_new, v_new=v_new)
+    if HQ % HK:
+        raise ValueError(f"k_cache: its {HK} heads (HK) must divide the {HQ} query heads (HQ)")
+    check.head_dim("q", D)
+    check.tensor("cache_seqlens", cache_seqlens, ndim=1, dims="B", dtypes=(torch.int32,))
+    check.shape("cache_seqlens", cache_seqlens, (B,), "B")
+    check.same_device("q", q, k_cache=k_cache, v_cache=v_cache, k_new=k_new, v_new=v_new,
+                      cache_seqlens=cache_seqlens)
+    # Reading positions from a GPU would sync every decode step; host tensors are free to check.
+    if cache_seqlens.device.type == "cpu" and check.values_readable(cache_seqlens) and B \
+            and int(cache_seqlens.min()) < 0:
+        raise ValueError(f"cache_seqlens: positions must be >= 0, got {cache_seqlens.tolist()}")
+    scale = _scale(softmax_scale, D)
+    return torch.ops.ahn.swa_decode(q, k_cache, v_cache, k_new, v_new, cache_seqlens, window_size, num_sinks,
+                                    scale)
