@@ -1,0 +1,411 @@
+"""Mamba2 SSD: references against each other and the public ops against the fp64 reference (DESIGN §5)."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ahn_kernels import testing
+from ahn_kernels.ssd import reference, ssd_chunk_scan, ssd_state_update
+from ahn_kernels.testing import MAMBA_ALLCLOSE, assert_close, make_ssd_inputs, tolerance
+
+pytestmark = pytest.mark.filterwarnings("ignore:ahn_kernels.*no compiled kernel:RuntimeWarning")
+
+GRAD_KIND = {"x": "grad", "B": "grad", "C": "grad", "z": "grad", "initial_states": "grad",
+             "dt": "gate", "A": "gate", "D": "gate", "dt_bias": "gate"}
+
+
+def _cast(inputs, dtype=torch.float64, requires_grad=False):
+    """Fresh leaves: every floating tensor converted to ``dtype`` (None and ints kept)."""
+    def one(t):
+        if isinstance(t, torch.Tensor) and t.is_floating_point():
+            return t.detach().to(dtype).requires_grad_(requires_grad)
+        return t
+    return {k: one(t) for k, t in inputs.items()}
+
+
+def _leaves(inputs):
+    return {k: t for k, t in inputs.items() if isinstance(t, torch.Tensor) and t.requires_grad}
+
+
+def _exact(got, ref):
+    torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------
+# references: the token loop is the oracle
+# ----------------------------------------------------------------------------
+RECURRENT_CASES = [
+    dict(G=1),
+    dict(G=2, D="H", dt_bias=True, initial_states=True),
+    dict(G=4, D="HP", z=True, dt_bias=True, initial_states=True, dt_limit=(0.03, 0.08)),  # clips both sides
+    dict(G=2, z=True, dt_softplus=False, initial_states=True, dt_shift=-0.05),  # negative dt clamps to 0
+]
+
+
+@pytest.mark.parametrize("case", range(len(RECURRENT_CASES)))
+@pytest.mark.parametrize("chunk_size", testing.SSD_CHUNK_SIZES)
+@pytest.mark.parametrize("T", testing.AWKWARD_T)
+def test_recurrent_equals_chunked(T, chunk_size, case):
+    opts = dict(RECURRENT_CASES[case])
+    G, limit, shift = opts.pop("G"), opts.pop("dt_limit", (0.0, math.inf)), opts.pop("dt_shift", 0.0)
+    inputs = _cast(make_ssd_inputs(2, T, 4, 5, 7, G, **opts))
+    inputs["dt"] = inputs["dt"] + shift
+    y_rec, final_rec = reference.recurrent(**inputs, dt_limit=limit)
+    y, final = reference.chunked(**inputs, chunk_size=chunk_size, dt_limit=limit)
+    _exact(y, y_rec)
+    _exact(final, final_rec)
+
+
+@pytest.mark.parametrize("lag", (None,) + testing.SSD_LAGS)
+@pytest.mark.parametrize("lengths", testing.VARLEN_LENGTHS)
+def test_recurrent_equals_chunked_varlen(lengths, lag):
+    inputs = _cast(make_ssd_inputs(1, sum(lengths), 4, 5, 7, 2, D="H", z=True, dt_bias=True,
+                                   initial_states=True, lengths=lengths))
+    y_rec, final_rec = reference.recurrent(**inputs, lag=lag)
+    y, final = reference.chunked(**inputs, chunk_size=64, lag=lag)
+    _exact(y, y_rec)
+    _exact(final, final_rec)
+
+
+def _quadratic(x, dt, A, B, C, D, z, dt_bias, initial_states, dt_limit):
+    """SSD's dual (attention) form, fp64, no chunks: an oracle that shares no code with the references.
+
+    dt' = clamp(softplus(dt + dt_bias), dt_limit), a = cumsum(dt' A),
+    y_t = (sum_{j<=t} exp(a_t - a_j) dt'_j (C_t . B_j) x_j + exp(a_t) C_t h0 + D x_t) silu(z_t).
+    """
+    R = x.shape[2] // B.shape[2]
+    Bh, Ch = B.repeat_interleave(R, 2), C.repeat_interleave(R, 2)  # [B, T, H, N_state]
+    dt = F.softplus(dt + dt_bias).clamp(*dt_limit)  # [B, T, H]
+    a = torch.cumsum(dt * A, 1)  # [B, T, H]
+    T = x.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool).tril()[None, :, :, None]  # [1, T, T, 1]
+    decay = torch.exp((a[:, :, None] - a[:, None, :]).masked_fill(~causal, -math.inf))  # [B, T, T, H]
+    y = torch.einsum("btjh,bthn,bjhn,bjh,bjhp->bthp", decay, Ch, Bh, dt, x)
+    y = y + torch.einsum("bth,bthn,bhpn->bthp", torch.exp(a), Ch, initial_states)
+    y = (y + D * x) * z * torch.sigmoid(z)
+    to_end = torch.exp(a[:, -1:] - a)  # [B, T, H]
+    final = torch.einsum("bjh,bjh,bjhp,bjhn->bhpn", to_end, dt, x, Bh)
+    return y, final + torch.exp(a[:, -1])[..., None, None] * initial_states
+
+
+def test_chunked_equals_quadratic_form():
+    inputs = _cast(make_ssd_inputs(2, 130, 4, 5, 7, 2, D="HP", z=True, dt_bias=True, initial_states=True))
+    limit = (0.03, 0.08)
+    y, final = reference.chunked(**inputs, chunk_size=64, dt_limit=limit)
+    names = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_states")
+    y_q, final_q = _quadratic(*(inputs[k] for k in names), limit)
+    _exact(y, y_q)
+    _exact(final, final_q)
+
+
+def test_softplus_threshold_20():
+    """Below 20 dt is softplus(dt); above, dt itself (log1p(exp(20.5)) differs from 20.5 by 1e-9)."""
+    inputs = _cast(make_ssd_inputs(1, 2, 1, 1, 1, dt_softplus=True))
+    inputs["dt"] = torch.tensor([[[19.5], [20.5]]], dtype=torch.float64)
+    inputs["A"] = torch.tensor([-1e-30], dtype=torch.float64)  # no decay: y_t = sum_j dt_j x_j B_j C_t
+    want_dt = torch.tensor([math.log1p(math.exp(19.5)), 20.5], dtype=torch.float64)
+    xb = (inputs["x"][0, :, 0, 0] * inputs["B"][0, :, 0, 0])
+    want = torch.cumsum(want_dt * xb, 0) * inputs["C"][0, :, 0, 0]
+    for fn in (reference.recurrent, reference.chunked):
+        y, _ = fn(**inputs)
+        torch.testing.assert_close(y[0, :, 0, 0], want, rtol=1e-14, atol=0)
+
+
+def test_gradcheck_reference():
+    inputs = _cast(make_ssd_inputs(1, 9, 2, 3, 2, 1, D="HP", z=True, dt_bias=True, initial_states=True),
+                   requires_grad=True)
+    leaves = _leaves(inputs)
+
+    def fn(*args):
+        return reference.chunked(**{**inputs, **dict(zip(leaves, args))}, chunk_size=4)
+
+    assert torch.autograd.gradcheck(fn, tuple(leaves.values()))
+
+
+def _raise_some_dt_above_20(dt):
+    """Every other step lands above softplus's threshold, where dt passes through unchanged."""
+    dt[..., ::2] += 22.0
+
+
+BWD_CASES = [  # (make_ssd_inputs options, chunked options, edit of dt)
+    (dict(G=1, D="H", z=True, initial_states=True), dict(chunk_size=16), None),
+    (dict(G=2, D="HP", dt_bias=True, lengths=(0, 1, 63, 66)), dict(chunk_size=64, dt_limit=(0.03, 0.08)), None),
+    (dict(G=4, z=True, dt_bias=True, initial_states=True, lengths=(0, 1, 63, 66)), dict(chunk_size=16, lag=(10, 3)),
+     None),
+    (dict(G=2, D="H", z=True, dt_bias=True), dict(chunk_size=32), _raise_some_dt_above_20),
+]
+
+
+@pytest.mark.parametrize("case", range(len(BWD_CASES)))
+def test_chunked_bwd_equals_autograd(case):
+    """The explicit backward (what the op runs) against autograd through the chunked reference, fp64."""
+    opts, kwargs, edit = BWD_CASES[case]
+    opts = dict(opts)
+    G, lengths = opts.pop("G"), opts.get("lengths")
+    B, T = (1, sum(lengths)) if lengths else (2, 70)
+    inputs = _cast(make_ssd_inputs(B, T, 4, 5, 7, G, **opts))
+    if edit is not None:
+        edit(inputs["dt"])
+    leaves = {k: t.requires_grad_() for k, t in inputs.items()
+              if isinstance(t, torch.Tensor) and t.is_floating_point() and k != "initial_states"}
+    h0 = inputs["initial_states"]
+    if h0 is None:  # the backward also returns the gradient w.r.t. the zero initial state
+        h0 = torch.zeros(len(lengths) if lengths else B, 4, 5, 7, dtype=torch.float64)
+    h0.requires_grad_()
+    out, final = reference.chunked(**{**inputs, "initial_states": h0}, **kwargs)
+    dout, dfinal = torch.randn_like(out), torch.randn_like(final)
+    want = torch.autograd.grad((out * dout).sum() + (final * dfinal).sum(), (*leaves.values(), h0))
+    got = reference.chunked_bwd(dout, dfinal, **inputs, **kwargs)
+    got = dict(zip(("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_states"), got))
+    for k, w in zip((*leaves, "initial_states"), want):
+        assert got[k] is not None, f"d{k} missing"
+        torch.testing.assert_close(got[k], w, rtol=1e-10, atol=1e-12, msg=lambda m: f"d{k}: {m}")
+    for k in ("D", "z", "dt_bias"):
+        assert (got[k] is None) == (inputs[k] is None)
+
+
+def test_gradcheck_op_varlen_lag():
+    """gradcheck through torch.ops.ahn.ssd_chunk_scan (fp64 at the raw op), i.e. its explicit backward."""
+    inputs = make_ssd_inputs(1, 11, 2, 2, 2, 2, D="H", z=True, dt_bias=True, initial_states=True, lengths=(0, 3, 8))
+    inputs = _cast(inputs, requires_grad=True)
+    leaves = _leaves(inputs)
+
+    def fn(*args):
+        return torch.ops.ahn.ssd_chunk_scan(*_op_args({**inputs, **dict(zip(leaves, args))}, chunk_size=2,
+                                                      lag=(2, 1)))
+
+    assert torch.autograd.gradcheck(fn, tuple(leaves.values()))
+
+
+# ----------------------------------------------------------------------------
+# registration
+# ----------------------------------------------------------------------------
+def _op_args(inputs, chunk_size=16, dt_limit=(0.0, math.inf), lag=(0, 0)):
+    i = inputs
+    return (i["x"], i["dt"], i["A"], i["B"], i["C"], chunk_size, i["D"], i["z"], i["dt_bias"], i["initial_states"],
+            i["cu_seqlens"], i["dt_softplus"], *dt_limit, *lag)
+
+
+OPCHECK_CASES = [  # (requires_grad, lengths, make_ssd_inputs options, lag)
+    (False, (0, 5, 17), dict(D="H", initial_states=True), (0, 0)),
+    (True, (0, 5, 17), dict(D="HP", z=True, dt_bias=True), (0, 0)),
+    (True, None, dict(z=True, initial_states=True), (3, 1)),
+    (False, None, dict(), (0, 0)),
+]
+
+
+@pytest.mark.parametrize("requires_grad, lengths, opts, lag", OPCHECK_CASES)
+def test_opcheck_chunk_scan(requires_grad, lengths, opts, lag):
+    B, T = (1, sum(lengths)) if lengths else (2, 19)
+    inputs = make_ssd_inputs(B, T, 4, 5, 7, 2, lengths=lengths, requires_grad=requires_grad, **opts)
+    torch.library.opcheck(torch.ops.ahn.ssd_chunk_scan.default, _op_args(inputs, lag=lag))
+
+
+def test_opcheck_chunk_scan_bwd():
+    inputs = make_ssd_inputs(1, 22, 4, 5, 7, 2, z=True, lengths=(0, 5, 17))
+    dout = torch.randn_like(inputs["x"])
+    dfinal = torch.randn(3, 4, 5, 7)
+    torch.library.opcheck(torch.ops.ahn.ssd_chunk_scan_bwd.default, (dout, dfinal, *_op_args(inputs)))
+
+
+@pytest.mark.parametrize("indexed", (False, True))
+def test_opcheck_state_update(indexed):
+    s = _step_inputs(make_ssd_inputs(2, 1, 4, 5, 7, 2, D="HP", z=True, dt_bias=True), 0)
+    state = torch.randn(5 if indexed else 2, 4, 5, 7)
+    idx = torch.tensor([3, 1], dtype=torch.int32) if indexed else None
+    torch.library.opcheck(torch.ops.ahn.ssd_state_update.default,
+                          (state, s["x"], s["dt"], s["A"], s["B"], s["C"], s["D"], s["z"], s["dt_bias"],
+                           s["dt_softplus"], idx))
+
+
+def test_compile_fullgraph_forward_backward():
+    inputs = make_ssd_inputs(1, 40, 4, 5, 7, 2, D="H", z=True, dt_bias=True, initial_states=True,
+                             lengths=(0, 17, 23), requires_grad=True)
+    dout, dfinal = torch.randn(1, 40, 4, 5), torch.randn(3, 4, 5, 7)
+
+    def step(fn):
+        out, final = fn(**inputs, chunk_size=16, return_final_states=True)
+        grads = torch.autograd.grad((out * dout).sum() + (final * dfinal).sum(), tuple(_leaves(inputs).values()))
+        return (out, final) + grads
+
+    eager = step(ssd_chunk_scan)
+    compiled = step(torch.compile(ssd_chunk_scan, fullgraph=True))
+    for got, ref in zip(compiled, eager):
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------
+# the public op against the fp64 reference
+# ----------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype, gate_dtype", [(torch.float32, torch.float32), (torch.float16, torch.float32),
+                                               (torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16)])
+@pytest.mark.parametrize("shape", [(2, 100, None), (1, 130, (0, 1, 63, 66))], ids=["dense", "varlen"])
+def test_op_matches_fp64_reference(dtype, gate_dtype, shape):
+    B, T, lengths = shape
+    inputs = make_ssd_inputs(B, T, 4, 16, 16, 2, dtype=dtype, gate_dtype=gate_dtype, D="HP", z=True,
+                             dt_bias=True, initial_states=True, lengths=lengths, requires_grad=True)
+    ref_inputs = _cast(inputs, requires_grad=True)
+    out, final = ssd_chunk_scan(**inputs, chunk_size=64, return_final_states=True)
+    out_ref, final_ref = reference.chunked(**ref_inputs, chunk_size=64)
+    assert out.dtype == dtype and final.dtype == torch.float32
+    dout, dfinal = torch.randn_like(out), torch.randn_like(final)
+    leaves, ref_leaves = _leaves(inputs), _leaves(ref_inputs)
+    grads = torch.autograd.grad((out * dout).float().sum() + (final * dfinal).sum(), tuple(leaves.values()))
+    grads_ref = torch.autograd.grad((out_ref * dout.double()).sum() + (final_ref * dfinal.double()).sum(),
+                                    tuple(ref_leaves.values()))
+    rtol, atol = MAMBA_ALLCLOSE[dtype]
+    checks = [("out", out, out_ref, "out"), ("final_states", final, final_ref, "out")]
+    for k, g, r in zip(leaves, grads, grads_ref):
+        assert g.dtype == inputs[k].dtype, f"d{k}: dtype {g.dtype} != {k}'s {inputs[k].dtype}"
+        checks.append((f"d{k}", g, r, GRAD_KIND[k]))
+    for name, got, ref, kind in checks:
+        assert_close(name, got, ref, tolerance(dtype, kind))
+        torch.testing.assert_close(got.double(), ref, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+
+
+# ----------------------------------------------------------------------------
+# consistency of the public op with itself: lag, varlen, split, decode
+# ----------------------------------------------------------------------------
+def _slice_seq(inputs, bos, eos):
+    """One sequence [bos, eos) of a packed batch as a B = 1 batch of its own."""
+    return {k: (t[:, bos:eos] if isinstance(t, torch.Tensor) and t.dim() >= 3 else t)
+            for k, t in inputs.items() if k not in ("cu_seqlens", "initial_states")}
+
+
+def _sliced_lag(inputs, lengths, lag):
+    """AHN's formulation by slicing: per sequence, scan tokens S .. L-1-W and read token j's state at row j+W."""
+    W, S = lag
+    outs, finals = [], []
+    pos = 0
+    for n, L in enumerate(lengths):
+        seq = _slice_seq(inputs, pos, pos + L)
+        x, z = seq["x"], seq["z"]
+        mem = torch.zeros_like(x, dtype=torch.float32)
+        h0 = inputs["initial_states"][n:n + 1]
+        M = max(0, L - W - S)
+        final = h0[0]
+        if M:
+            kv = {k: seq[k][:, S:S + M] for k in ("x", "dt", "B")}
+            m, f = ssd_chunk_scan(**kv, A=inputs["A"], C=seq["C"][:, S + W:S + W + M], dt_bias=inputs["dt_bias"],
+                                  initial_states=h0, dt_softplus=True, chunk_size=64, return_final_states=True)
+            mem = torch.cat([mem[:, :S + W], m.float(), mem[:, S + W + M:]], 1)
+            final = f[0]
+        D = inputs["D"]
+        outs.append((mem + x.float() * D[:, None]) * F.silu(z.float()))
+        finals.append(final)
+        pos += L
+    return torch.cat(outs, 1), torch.stack(finals)
+
+
+@pytest.mark.parametrize("lag", testing.SSD_LAGS)
+@pytest.mark.parametrize("lengths", [(100,), testing.VARLEN_LENGTHS[0]], ids=["dense", "varlen"])
+def test_lag_equals_slicing(lengths, lag):
+    inputs = make_ssd_inputs(1, sum(lengths), 4, 5, 7, 2, D="H", z=True, dt_bias=True, initial_states=True,
+                             lengths=None if len(lengths) == 1 else lengths)
+    out, final = ssd_chunk_scan(**inputs, chunk_size=64, return_final_states=True, lag=lag)
+    want, want_final = _sliced_lag(inputs, lengths, lag)
+    assert_close("out", out, want, tolerance(torch.float32, "out"))
+    assert_close("final_states", final, want_final, tolerance(torch.float32, "out"))
+
+
+@pytest.mark.parametrize("lengths", testing.VARLEN_LENGTHS)
+def test_varlen_equals_per_sequence_loop(lengths):
+    inputs = make_ssd_inputs(1, sum(lengths), 4, 5, 7, 2, D="HP", z=True, dt_bias=True, initial_states=True,
+                             lengths=lengths, requires_grad=True)
+    dout, dfinal = torch.randn_like(inputs["x"]), torch.randn_like(inputs["initial_states"])
+    out, final = ssd_chunk_scan(**inputs, chunk_size=64, return_final_states=True)
+    grads = torch.autograd.grad((out * dout).sum() + (final * dfinal).sum(), tuple(_leaves(inputs).values()))
+    outs, finals = [], []
+    pos = 0
+    for n, L in enumerate(lengths):  # every sequence alone, the empty one included (T = 0)
+        o, f = ssd_chunk_scan(**_slice_seq(inputs, pos, pos + L), initial_states=inputs["initial_states"][n:n + 1],
+                              chunk_size=64, return_final_states=True)
+        outs.append(o)
+        finals.append(f)
+        pos += L
+    out_loop, final_loop = torch.cat(outs, 1), torch.cat(finals)
+    grads_loop = torch.autograd.grad((out_loop * dout).sum() + (final_loop * dfinal).sum(),
+                                     tuple(_leaves(inputs).values()))
+    tol = tolerance(torch.float32, "out")
+    assert_close("out", out, out_loop, tol)
+    assert_close("final_states", final, final_loop, tol)
+    for k, g, r in zip(_leaves(inputs), grads, grads_loop):
+        assert_close(f"d{k}", g, r, tolerance(torch.float32, GRAD_KIND[k]))
+
+
+@pytest.mark.parametrize("split", (1, 63, 64, 65, 128))
+def test_split_continuation_equals_whole(split):
+    inputs = make_ssd_inputs(2, 150, 4, 5, 7, 2, D="H", z=True, dt_bias=True, initial_states=True)
+    out, final = ssd_chunk_scan(**inputs, chunk_size=64, return_final_states=True)
+    head = {k: (t[:, :split] if isinstance(t, torch.Tensor) and t.dim() >= 3 and k != "initial_states" else t)
+            for k, t in inputs.items()}
+    tail = {k: (t[:, split:] if isinstance(t, torch.Tensor) and t.dim() >= 3 and k != "initial_states" else t)
+            for k, t in inputs.items()}
+    out1, h = ssd_chunk_scan(**head, chunk_size=64, return_final_states=True)
+    out2, final2 = ssd_chunk_scan(**{**tail, "initial_states": h}, chunk_size=64, return_final_states=True)
+    joined = torch.cat([out1, out2], 1)
+    if split % 64 == 0:  # chunk-aligned splits are bitwise (DESIGN §4)
+        assert torch.equal(joined, out) and torch.equal(final2, final)
+    assert_close("out", joined, out, tolerance(torch.float32, "out"))
+    assert_close("final_states", final2, final, tolerance(torch.float32, "out"))
+
+
+def test_strided_views_equal_contiguous():
+    """Last-dim-contiguous views (a slice of a wider buffer, permuted heads) are read in place, bitwise."""
+    inputs = make_ssd_inputs(2, 70, 4, 5, 7, 2, D="H", z=True, dt_bias=True, initial_states=True)
+    wide = torch.randn(2, 4, 70, 9)  # [B, H, T, 9]: x is a sliced, permuted view of it
+    wide[..., 2:7] = inputs["x"].transpose(1, 2)
+    B_t = inputs["B"].transpose(1, 2).contiguous()  # [B, G, T, N_state]
+    views = {**inputs, "x": wide[..., 2:7].transpose(1, 2), "B": B_t.transpose(1, 2)}
+    assert not views["x"].is_contiguous() and not views["B"].is_contiguous()
+    out, final = ssd_chunk_scan(**views, chunk_size=64, return_final_states=True)
+    out_c, final_c = ssd_chunk_scan(**inputs, chunk_size=64, return_final_states=True)
+    assert out.is_contiguous() and torch.equal(out, out_c) and torch.equal(final, final_c)
+
+
+def _step_inputs(inputs, t):
+    """Token t of a [B, T, ...] input set, as ssd_state_update arguments."""
+    keep = ("A", "D", "dt_bias", "dt_softplus")
+    step = {k: inputs[k] for k in keep}
+    step.update({k: inputs[k][:, t] for k in ("x", "dt", "B", "C", "z")})
+    return step
+
+
+@pytest.mark.parametrize("indexed", (False, True))
+@pytest.mark.parametrize("impl", ("op", "reference"))
+def test_state_update_equals_chunk_scan(impl, indexed):
+    T = 20
+    inputs = make_ssd_inputs(2, T, 4, 5, 7, 2, D="H", z=True, dt_bias=True, initial_states=True)
+    ref = reference.chunked(**_cast(inputs), chunk_size=16)
+    if impl == "reference":  # the fp64 decode step against the fp64 chunked scan
+        inputs, fn, tol = _cast(inputs), reference.state_update, 1e-12
+    else:
+        fn, tol = ssd_state_update, tolerance(torch.float32, "out")
+    dtype = inputs["initial_states"].dtype
+    slots = torch.tensor([3, 0], dtype=torch.int32) if indexed else None
+    state = torch.randn(5, 4, 5, 7, dtype=dtype) if indexed else torch.empty(2, 4, 5, 7, dtype=dtype)
+    rows = slots.long() if indexed else torch.arange(2)
+    state[rows] = inputs["initial_states"]
+    untouched = state.clone()
+    outs = [fn(state, **_step_inputs(inputs, t), state_batch_indices=slots) for t in range(T)]
+    assert_close("out", torch.stack(outs, 1), ref[0], tol)
+    assert_close("state", state[rows], ref[1], tol)
+    others = torch.ones(state.shape[0], dtype=torch.bool)
+    others[rows] = False
+    assert torch.equal(state[others], untouched[others])
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float16, torch.bfloat16))
+def test_state_update_matches_fp64_reference(dtype):
+    inputs = make_ssd_inputs(3, 1, 4, 16, 16, 2, dtype=dtype, D="HP", z=True, dt_bias=True)
+    step = _step_inputs(inputs, 0)
+    state = torch.randn(3, 4, 16, 16)
+    state_ref = state.double()
+    out = ssd_state_update(state, **step)
+    out_ref = reference.state_update(state_ref, **_cast(step))
+    rtol, atol = MAMBA_ALLCLOSE[dtype]
+    for name, got, ref in (("out", out, out_ref), ("state", state, state_ref)):
+        assert_close(name, got, ref, tolerance(dtype, "out"))
+        torch.testing.assert_close(got.double(), ref, rtol=rtol, atol=atol)
