@@ -77,8 +77,8 @@ def state_heads(HQ: int, HK: int, HV: int) -> int:
     return HS
 
 
-def cu_seqlens(cu, ref: torch.Tensor, B: int, T: int) -> int:
-    """Validate ``cu_seqlens`` ([N+1] int32/int64, 0 .. T non-decreasing, B = 1); return N (B if None)."""
+def cu_seqlens(cu, ref: torch.Tensor, B: int, T: int, ref_name: str = "q") -> int:
+    """Validate ``cu_seqlens`` ([N+1] int32/int64, 0 .. T non-decreasing, B = 1) against ``ref``; return N."""
     if cu is None:
         return B
     if not isinstance(cu, torch.Tensor):
@@ -87,7 +87,7 @@ def cu_seqlens(cu, ref: torch.Tensor, B: int, T: int) -> int:
         raise TypeError(f"cu_seqlens: dtype must be int32 or int64, got {str(cu.dtype).replace('torch.', '')}")
     if cu.dim() != 1 or cu.shape[0] < 1:
         raise ValueError(f"cu_seqlens: expected 1 dim [N+1] with N >= 0, got shape {tuple(cu.shape)}")
-    same_device("q", ref, cu_seqlens=cu)
+    same_device(ref_name, ref, cu_seqlens=cu)
     if B != 1:
         raise ValueError(f"cu_seqlens: given, so the batch dim B must be 1 (sequences are packed along T), got B={B}")
     if values_readable(cu):
@@ -126,3 +126,52 @@ def sinks(value) -> None:
         raise TypeError(f"num_sinks: expected an int >= 0, got {value!r}")
     if value < 0:
         raise ValueError(f"num_sinks: must be >= 0, got {value}")
+
+
+def same_dtype(ref_name: str, ref: torch.Tensor, **others) -> None:
+    """Check that every tensor in ``others`` (None skipped) has ``ref``'s dtype."""
+    for name, t in others.items():
+        if t is not None and t.dtype != ref.dtype:
+            raise TypeError(f"{name}: dtype {str(t.dtype).replace('torch.', '')} differs from {ref_name}'s "
+                            f"{str(ref.dtype).replace('torch.', '')}; they must match")
+
+
+def number(name: str, value) -> float:
+    """Check that ``value`` is a finite real number (not a bool); return it as a float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}: expected a number, got {value!r}")
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError(f"{name}: must be finite, got {value}")
+    return float(value)
+
+
+def one_of(name: str, value, allowed: tuple) -> None:
+    """Check that ``value`` is one of ``allowed`` (ints are not bools)."""
+    if isinstance(value, bool) or value not in allowed:
+        raise ValueError(f"{name}: must be one of {', '.join(map(str, allowed))}, got {value!r}")
+
+
+def chunk_size(value, allowed: tuple) -> None:
+    """Check that ``chunk_size`` is one of the ``allowed`` ints."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"chunk_size: expected an int, one of {allowed}, got {value!r}")
+    if value not in allowed:
+        raise ValueError(f"chunk_size: must be one of {allowed}, got {value}")
+
+
+def indices(name: str, t, count: int, limit: int, ref: torch.Tensor, ref_name: str) -> None:
+    """Check a [count] int32/int64 index tensor on ``ref``'s device with values in 0 .. limit-1.
+
+    The range check reads values, so it runs only where ``values_readable`` allows.
+    """
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor [{count}], got {type(t).__name__}")
+    if t.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{name}: dtype must be int32 or int64, got {str(t.dtype).replace('torch.', '')}")
+    if t.dim() != 1 or t.shape[0] != count:
+        raise ValueError(f"{name}: expected shape [{count}], got {tuple(t.shape)}")
+    same_device(ref_name, ref, **{name: t})
+    if count and values_readable(t):
+        lo, hi = t.min().item(), t.max().item()
+        if lo < 0 or hi >= limit:
+            raise ValueError(f"{name}: values must be in 0..{limit - 1}, got min {lo}, max {hi}")

@@ -87,3 +87,148 @@ def seqlens_to_cu(lengths, device="cpu", dtype=torch.int64) -> torch.Tensor:
 AWKWARD_T = (1, 63, 64, 65, 200)
 # Varlen batches: an empty sequence, sequences shorter than a chunk, one longer.
 VARLEN_LENGTHS = ((0, 1, 63, 64, 65, 130), (17, 0, 5))
+
+
+# ----------------------------------------------------------------------------
+# swa + cache: sliding-window attention with sinks, AHN ring-buffer decode.
+# ----------------------------------------------------------------------------
+SWA_WINDOWS = (1, 16, 64, 300)  # 300 > every AWKWARD_T: the whole sequence is in the window
+SWA_HEADS = ((1, 1), (4, 2), (8, 1))  # (HQ, HK)
+SWA_HEAD_DIMS = (7, 60, 64)
+# (W, S) of the decode-loop tests: no sinks, fewer sinks than the window, more.
+CACHE_WINDOWS = ((4, 0), (4, 2), (3, 7))
+AHN_RULES = ("delta", "gated_delta", "ssd")
+
+
+def swa_sinks(window_size: int) -> tuple[int, ...]:
+    """Sink counts tried with a window: none, a few, more than the window."""
+    return (0, 3, window_size + 2)
+
+
+def swa_inputs(B, T, HQ, HK, D, dtype=torch.float32, device="cpu", requires_grad=False):
+    """Random q [B, T, HQ, D] and k, v [B, T, HK, D]."""
+    q = torch.randn(B, T, HQ, D, dtype=dtype, device=device)
+    k = torch.randn(B, T, HK, D, dtype=dtype, device=device)
+    v = torch.randn(B, T, HK, D, dtype=dtype, device=device)
+    return tuple(x.requires_grad_(requires_grad) for x in (q, k, v))
+
+
+def ahn_gates(rule: str, *shape, device="cpu") -> torch.Tensor:
+    """Random arrival-time gates [*shape, n_gates] fp32: β in (0, 1), log-decay g < 0, dt > 0 (softplus'ed)."""
+    beta = torch.sigmoid(torch.randn(*shape, device=device))
+    if rule == "delta":
+        return beta[..., None]
+    if rule == "gated_delta":
+        return torch.stack([beta, torch.nn.functional.logsigmoid(torch.randn(*shape, device=device))], dim=-1)
+    if rule == "ssd":
+        return torch.nn.functional.softplus(torch.randn(*shape, device=device) - 1)[..., None]
+    raise ValueError(f"rule: unknown {rule!r}")
+
+
+def ahn_A(HS: int, device="cpu") -> torch.Tensor:
+    """A = -exp(A_log) [HS] fp32 for the SSD rule, in [-1.5, -0.5)."""
+    return -(torch.rand(HS, device=device) + 0.5)
+
+
+# ----------------------------------------------------------------------------
+# ssd: Mamba2 SSD chunked scan and decode step.
+# ----------------------------------------------------------------------------
+# (H, P, N_state, G): odd dims with one group, two groups, a group per head; then AHN-like.
+SSD_SHAPES = ((4, 5, 7, 1), (4, 5, 7, 2), (4, 5, 7, 4), (2, 16, 16, 2))
+SSD_CHUNK_SIZES = (64, 256)
+# lag=(window_size, num_sinks): a window of 1, window and sinks, a whole chunk, nothing absorbed.
+SSD_LAGS = ((1, 0), (10, 3), (64, 0), (150, 100))
+
+
+def make_ssd_inputs(B, T, H, P, N_state, G=1, *, dtype=torch.float32, gate_dtype=torch.float32, D=None,
+                    z=False, dt_bias=False, initial_states=False, lengths=None, dt_softplus=True, device="cpu",
+                    requires_grad=False) -> dict:
+    """Random non-zero keyword arguments of ``ssd_chunk_scan`` and of ``ssd.reference.recurrent/chunked``.
+
+    x [B, T, H, P], z [B, T, H, P] and B, C [B, T, G, N_state] in ``dtype``; dt [B, T, H],
+    A [H], D ([H] for D="H", [H, P] for D="HP"), dt_bias [H] in ``gate_dtype``;
+    initial_states [N, H, P, N_state] fp32. ``lengths`` packs sequences of those
+    lengths (B must be 1 and T their sum) and adds ``cu_seqlens``.
+    The decay per token, exp(dt A), is about 0.95-0.99, so a state carries
+    across several chunks and the initial state stays visible.
+    """
+    if lengths is not None:
+        assert B == 1 and T == sum(lengths), "lengths: needs B = 1 and T = sum(lengths)"
+    N = B if lengths is None else len(lengths)
+
+    def rand(*shape, kind=dtype, scale=1.0, shift=0.0, uniform=False):
+        t = torch.rand(*shape, device=device) if uniform else torch.randn(*shape, device=device)
+        return (t * scale + shift).to(kind)
+
+    if dt_softplus:  # raw values: softplus(N(-3, 0.5)) is about 0.02 .. 0.15
+        dt, bias = rand(B, T, H, kind=gate_dtype, scale=0.5, shift=-3.0), rand(H, kind=gate_dtype, scale=0.3)
+    else:  # already positive step sizes
+        dt = rand(B, T, H, kind=gate_dtype, scale=0.1, shift=0.01, uniform=True)
+        bias = rand(H, kind=gate_dtype, scale=0.02, uniform=True)
+    out = {
+        "x": rand(B, T, H, P),
+        "dt": dt,
+        "A": rand(H, kind=gate_dtype, scale=-0.9, shift=-0.1, uniform=True),
+        "B": rand(B, T, G, N_state),
+        "C": rand(B, T, G, N_state),
+        "D": None if D is None else rand(*((H,) if D == "H" else (H, P)), kind=gate_dtype),
+        "z": rand(B, T, H, P) if z else None,
+        "dt_bias": bias if dt_bias else None,
+        "initial_states": rand(N, H, P, N_state, kind=torch.float32) if initial_states else None,
+        "cu_seqlens": None if lengths is None else seqlens_to_cu(lengths, device),
+        "dt_softplus": dt_softplus,
+    }
+    for t in out.values():
+        if isinstance(t, torch.Tensor) and t.is_floating_point():
+            t.requires_grad_(requires_grad)
+    return out
+
+
+# ----------------------------------------------------------------------------
+# delta_rule: DeltaNet and Gated DeltaNet, chunked and fused recurrent.
+# ----------------------------------------------------------------------------
+# (HQ, HK, HV): fla's grouped values (HQ = HK < HV) and AHN's grouped k/v (HK = HV < HQ).
+DELTA_HEADS = ((2, 2, 4), (4, 2, 2))
+DELTA_DIMS = (7, 60, 100)  # odd K and V, as fla tests them
+DELTA_CHUNK_SIZES = (16, 32, 64)
+# fused_recurrent: lengths around a chunk, head dims up to the 256 limit.
+DELTA_RECURRENT_T = (1, 63, 64, 65)
+DELTA_RECURRENT_DIMS = (7, 60, 128, 256)
+# lag=(window_size, num_sinks): the smallest window, window and sinks, a window longer
+# than every sequence, more sinks than tokens (the last two absorb nothing).
+DELTA_LAGS = ((1, 0), (10, 3), (300, 0), (5, 250))
+
+
+def make_delta_inputs(B, T, heads=(2, 2, 4), K=16, V=16, *, gated=True, dtype=torch.float32, lengths=None,
+                      initial_state=False, unit_keys=True, decay=1.0, device="cpu", requires_grad=False) -> dict:
+    """Random non-zero keyword arguments of the delta-rule ops and of ``delta_rule.reference``.
+
+    q [B, T, HQ, K], k [B, T, HK, K], v [B, T, HV, V] in ``dtype``; beta [B, T, HS]
+    uniform in (0, 1) and, when ``gated``, g [B, T, HS] uniform in [-decay, 0], both fp32
+    (no "g" key otherwise, so the dict also fits the DeltaNet ops); initial_state
+    [N, HS, K, V] fp32 or None; cu_seqlens [N+1] int64 when ``lengths`` packs sequences
+    (B must be 1 and T their sum), else None. ``unit_keys`` L2-normalises k, which keeps
+    the delta rule stable (β‖k‖² < 2); pass False with ``use_qk_l2norm_in_kernel``.
+    """
+    if lengths is not None:
+        assert B == 1 and T == sum(lengths), "lengths: needs B = 1 and T = sum(lengths)"
+    HQ, HK, HV = heads
+    HS = max(heads)
+    N = B if lengths is None else len(lengths)
+    k = torch.randn(B, T, HK, K, device=device)
+    if unit_keys:
+        k = torch.nn.functional.normalize(k, dim=-1)
+    out = {
+        "q": torch.randn(B, T, HQ, K, device=device).to(dtype),
+        "k": k.to(dtype),
+        "v": torch.randn(B, T, HV, V, device=device).to(dtype),
+        "beta": torch.rand(B, T, HS, device=device),
+        "initial_state": torch.randn(N, HS, K, V, device=device) if initial_state else None,
+        "cu_seqlens": None if lengths is None else seqlens_to_cu(lengths, device),
+    }
+    if gated:
+        out["g"] = -decay * torch.rand(B, T, HS, device=device)
+    for t in out.values():
+        if isinstance(t, torch.Tensor) and t.is_floating_point():
+            t.requires_grad_(requires_grad)
+    return out

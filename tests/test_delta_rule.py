@@ -1,0 +1,466 @@
+"""DeltaNet and Gated DeltaNet: references, ops and every fused_recurrent backend (DESIGN §5).
+
+The oracle is ``reference.recurrent`` (the token loop) in fp64; ``reference.chunked``
+is checked against it, and the ops against both.
+"""
+
+import pytest
+import torch
+from torch.library import opcheck
+
+import ahn_kernels
+from ahn_kernels import _backend
+from ahn_kernels.delta_rule import op, reference
+from ahn_kernels.testing import (
+    AWKWARD_T,
+    CPU_KERNEL_FP32,
+    DELTA_CHUNK_SIZES,
+    DELTA_DIMS,
+    DELTA_HEADS,
+    DELTA_LAGS,
+    DELTA_RECURRENT_DIMS,
+    DELTA_RECURRENT_T,
+    VARLEN_LENGTHS,
+    assert_close,
+    make_delta_inputs,
+    red_zone,
+    tolerance,
+)
+
+FP64_EXACT = 1e-10  # two fp64 formulations of the same math
+GATED = pytest.mark.parametrize("gated", [False, True], ids=["delta", "gated"])
+CHUNK_OPS = {False: op.chunk_delta_rule, True: op.chunk_gated_delta_rule}
+FUSED_OPS = {False: op.fused_recurrent_delta_rule, True: op.fused_recurrent_gated_delta_rule}
+GRAD_ORDER = ("q", "k", "v", "beta", "g", "initial_state")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These tests run thousands of tiny ops; on a busy machine two OpenMP threads spin-wait
+    on each other and make them 10-50x slower (measured: a 400-step token loop 0.06 s -> 2.8 s)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _fp64(inputs, requires_grad=False):
+    """The same inputs as fp64 leaves (the rounded fp16/bf16 values, upcast)."""
+    out = {}
+    for name, t in inputs.items():
+        if isinstance(t, torch.Tensor) and t.is_floating_point():
+            t = t.detach().double().requires_grad_(requires_grad)
+        out[name] = t
+    return out
+
+
+def _oracle(inputs, **kw):
+    """fp64 token loop: (o, final_state)."""
+    return reference.recurrent(**_fp64(inputs), **kw)
+
+
+def _grads(outputs, upstream, inputs):
+    """Gradients of <outputs, upstream> w.r.t. the differentiable inputs, by name."""
+    names = [n for n in GRAD_ORDER if isinstance(inputs.get(n), torch.Tensor)]
+    loss = sum((o.double() * u.double()).sum() for o, u in zip(outputs, upstream))
+    return dict(zip(names, torch.autograd.grad(loss, [inputs[n] for n in names])))
+
+
+# ----------------------------------------------------------------------------
+# reference: chunked == recurrent, gradients
+# ----------------------------------------------------------------------------
+# Every AWKWARD_T with every chunk size; dims (odd), head layout, h0, in-kernel l2norm
+# and decay (5 = strong: the in-chunk prefix sum reaches -320) rotate over the grid.
+_VARIANTS = [  # (K, V, heads, initial_state, use_qk_l2norm, decay)
+    (DELTA_DIMS[0], DELTA_DIMS[0], DELTA_HEADS[0], True, False, 1.0),
+    (DELTA_DIMS[1], DELTA_DIMS[2], DELTA_HEADS[1], False, True, 1.0),
+    (DELTA_DIMS[2], DELTA_DIMS[1], DELTA_HEADS[0], True, True, 5.0),
+    (DELTA_DIMS[0], DELTA_DIMS[2], DELTA_HEADS[1], True, False, 5.0),
+]
+CHUNKED_CASES = [(T, C, *_VARIANTS[(i + j) % len(_VARIANTS)])
+                 for i, T in enumerate(AWKWARD_T) for j, C in enumerate(DELTA_CHUNK_SIZES)]
+
+
+@GATED
+@pytest.mark.parametrize("T, chunk_size, K, V, heads, h0, l2norm, decay", CHUNKED_CASES)
+def test_chunked_equals_recurrent(gated, T, chunk_size, K, V, heads, h0, l2norm, decay):
+    x = _fp64(make_delta_inputs(2, T, heads, K, V, gated=gated, initial_state=h0, unit_keys=not l2norm,
+                                decay=decay))
+    o_ref, ht_ref = reference.recurrent(**x, use_qk_l2norm=l2norm)
+    o, ht = reference.chunked(**x, use_qk_l2norm=l2norm, chunk_size=chunk_size)
+    assert_close("o", o, o_ref, FP64_EXACT)
+    assert_close("final_state", ht, ht_ref, FP64_EXACT)
+
+
+@GATED
+@pytest.mark.parametrize("lengths, lag", [(VARLEN_LENGTHS[0], None), (VARLEN_LENGTHS[0], (10, 3)),
+                                          (VARLEN_LENGTHS[1], (1, 0)), (VARLEN_LENGTHS[1], (5, 250))])
+def test_chunked_equals_recurrent_varlen_lag(gated, lengths, lag):
+    x = _fp64(make_delta_inputs(1, sum(lengths), DELTA_HEADS[1], 7, 12, gated=gated, lengths=lengths,
+                                initial_state=True))
+    o_ref, ht_ref = reference.recurrent(**x, lag=lag)
+    o, ht = reference.chunked(**x, lag=lag, chunk_size=16)
+    assert_close("o", o, o_ref, FP64_EXACT)
+    assert_close("final_state", ht, ht_ref, FP64_EXACT)
+
+
+@pytest.mark.parametrize("T, heads, l2norm, lengths, lag", [
+    (1, (1, 1, 2), False, None, None),
+    (5, (2, 1, 1), True, None, None),
+    (9, (1, 2, 1), False, None, (2, 1)),
+    (9, (2, 1, 2), False, (4, 0, 5), (1, 1)),
+])
+def test_gradcheck_chunked(T, heads, l2norm, lengths, lag):
+    """fp64 gradcheck of the chunked reference; chunk 4 gives several chunks and a partial one."""
+    x = _fp64(make_delta_inputs(1, T, heads, 3, 4, lengths=lengths, initial_state=True, decay=5.0,
+                                unit_keys=not l2norm), requires_grad=True)
+    names = [n for n in GRAD_ORDER if x.get(n) is not None]
+
+    def fn(*tensors):
+        kw = dict(x, **dict(zip(names, tensors)))
+        return reference.chunked(**kw, use_qk_l2norm=l2norm, lag=lag, chunk_size=4)
+
+    assert torch.autograd.gradcheck(fn, [x[n] for n in names], fast_mode=True)
+
+
+@GATED
+@pytest.mark.parametrize("lengths, lag, l2norm, h0", [
+    (None, None, True, True),
+    (VARLEN_LENGTHS[0], (10, 3), False, False),
+    (VARLEN_LENGTHS[1], (1, 0), True, True),
+])
+def test_chunked_bwd_equals_recurrent_autograd(gated, lengths, lag, l2norm, h0):
+    """The explicit backward of the chunked form vs autograd through the token loop, fp64."""
+    T = 70 if lengths is None else sum(lengths)
+    x = _fp64(make_delta_inputs(1 if lengths else 2, T, DELTA_HEADS[int(gated)], 9, 6, gated=gated,
+                                lengths=lengths, initial_state=h0, unit_keys=not l2norm), requires_grad=True)
+    o, ht = reference.recurrent(**x, use_qk_l2norm=l2norm, lag=lag)
+    up = (torch.randn_like(o), torch.randn_like(ht))
+    want = _grads((o, ht), up, x)
+    got = reference.chunked_bwd(*up, x["q"], x["k"], x["v"], x["beta"], x.get("g"), None, x["initial_state"],
+                                x["cu_seqlens"], l2norm, lag, 16)
+    got = dict(zip(("q", "k", "v", "beta", "g", "initial_state"), got))
+    for name, ref in want.items():
+        assert_close(f"d{name}", got[name], ref, FP64_EXACT)
+    if not h0:  # the gradient w.r.t. a zero initial state
+        assert got["initial_state"].shape == ht.shape
+
+
+# ----------------------------------------------------------------------------
+# reference: lag == slicing, varlen == per sequence, split-continuation == whole
+# ----------------------------------------------------------------------------
+@GATED
+@pytest.mark.parametrize("lag", DELTA_LAGS)
+@pytest.mark.parametrize("lengths", [None, VARLEN_LENGTHS[1]], ids=["dense", "varlen"])
+def test_lag_equals_slicing(gated, lag, lengths):
+    """Row t reads the state after tokens S .. t-W with q_t: slice each sequence and run without lag."""
+    T = 65 if lengths is None else sum(lengths)
+    B = 2 if lengths is None else 1
+    x = _fp64(make_delta_inputs(B, T, DELTA_HEADS[0], 7, 5, gated=gated, lengths=lengths, initial_state=True))
+    o, ht = reference.chunked(**x, lag=lag, chunk_size=16)
+    W, S = lag
+    bounds = [(b, 0, T) for b in range(B)] if lengths is None else [(0, s, e) for s, e in zip(
+        x["cu_seqlens"][:-1].tolist(), x["cu_seqlens"][1:].tolist())]
+    want_o, want_ht = torch.zeros_like(o), x["initial_state"].clone()
+    for n, (b, s, e) in enumerate(bounds):
+        if e - s - W - S <= 0:
+            continue
+        mem = slice(s + S, e - W)
+        sl = {name: x[name][b:b + 1, mem] for name in ("k", "v", "beta", "g") if name in x}
+        o_n, ht_n = reference.chunked(x["q"][b:b + 1, s + S + W:e], **sl, initial_state=x["initial_state"][n:n + 1],
+                                      chunk_size=16)
+        want_o[b, s + S + W:e] = o_n[0]
+        want_ht[n] = ht_n[0]
+    assert torch.equal(o[want_o == 0], want_o[want_o == 0]), "rows without memory must be exactly 0"
+    assert_close("o", o, want_o, FP64_EXACT)
+    assert_close("final_state", ht, want_ht, FP64_EXACT)
+
+
+@GATED
+def test_varlen_equals_per_sequence(gated):
+    lengths = VARLEN_LENGTHS[0]
+    x = make_delta_inputs(1, sum(lengths), DELTA_HEADS[1], 60, 7, gated=gated, lengths=lengths, initial_state=True)
+    o, ht = CHUNK_OPS[gated](**x, output_final_state=True)
+    cu = x["cu_seqlens"].tolist()
+    for n, (s, e) in enumerate(zip(cu[:-1], cu[1:])):
+        seq = {name: t[:, s:e] for name, t in x.items() if name not in ("initial_state", "cu_seqlens")}
+        o_n, ht_n = CHUNK_OPS[gated](**seq, initial_state=x["initial_state"][n:n + 1], output_final_state=True)
+        assert_close(f"o[{n}]", o[:, s:e], o_n, tolerance(torch.float32, "out"))
+        assert_close(f"final_state[{n}]", ht[n:n + 1], ht_n, tolerance(torch.float32, "out"))
+
+
+@GATED
+@pytest.mark.parametrize("split", [37, 64, 128])
+def test_split_continuation_equals_whole(gated, split):
+    """A prefill continued from its returned state equals the whole prefill; bitwise at chunk multiples."""
+    x = make_delta_inputs(2, 150, DELTA_HEADS[0], 60, 100, gated=gated, initial_state=True)
+    fn = CHUNK_OPS[gated]
+    o, ht = fn(**x, output_final_state=True)
+    gates = ("beta", "g") if gated else ("beta",)
+    first = {n: x[n][:, :split] for n in ("q", "k", "v", *gates)}
+    second = {n: x[n][:, split:] for n in ("q", "k", "v", *gates)}
+    o1, h1 = fn(**first, initial_state=x["initial_state"], output_final_state=True)
+    o2, h2 = fn(**second, initial_state=h1, output_final_state=True)
+    got = torch.cat([o1, o2], 1)
+    if split % 64 == 0:
+        assert torch.equal(got, o) and torch.equal(h2, ht)
+    else:
+        assert_close("o", got, o, tolerance(torch.float32, "out"))
+        assert_close("final_state", h2, ht, tolerance(torch.float32, "out"))
+
+
+# ----------------------------------------------------------------------------
+# ops: opcheck, torch.compile, public ops vs the fp64 oracle
+# ----------------------------------------------------------------------------
+def _op_args(x, gated, *, fused=False, lag=(0, 0), l2norm=False, chunk_size=16):
+    """Positional arguments of torch.ops.ahn.* in schema order."""
+    K = x["q"].shape[-1]
+    gates = (x["g"], x["beta"]) if gated else (x["beta"],)
+    args = (x["q"], x["k"], x["v"], *gates, K ** -0.5, x["initial_state"], x["cu_seqlens"], l2norm)
+    return args if fused else (*args, chunk_size, *lag)
+
+
+def _permuted(x):
+    """q, k, v as [B, H, T, D] memory viewed as [B, T, H, D] (last dim contiguous, T not outermost)."""
+    return {n: (t.transpose(1, 2).contiguous().transpose(1, 2) if n in ("q", "k", "v") else t) for n, t in x.items()}
+
+
+OPCHECK_CASES = [  # (name, gated, fused, lengths, initial_state, requires_grad, permuted, lag)
+    ("chunk_gated_permuted", True, False, None, True, False, True, (0, 0)),
+    ("chunk_gated_varlen_lag", True, False, (5, 0, 15), False, True, False, (3, 1)),
+    ("chunk_delta", False, False, None, False, False, False, (0, 0)),
+    ("chunk_delta_varlen", False, False, (5, 0, 15), True, True, False, (0, 0)),
+    ("fused_gated_varlen", True, True, (5, 0, 15), True, True, False, None),
+    ("fused_delta", False, True, None, False, False, True, None),
+]
+
+
+@pytest.mark.parametrize("name, gated, fused, lengths, h0, requires_grad, permuted, lag", OPCHECK_CASES,
+                         ids=[c[0] for c in OPCHECK_CASES])
+def test_opcheck(name, gated, fused, lengths, h0, requires_grad, permuted, lag):
+    T = 20 if lengths is None else sum(lengths)
+    x = make_delta_inputs(1 if lengths else 2, T, DELTA_HEADS[0], 8, 8, gated=gated, lengths=lengths,
+                          initial_state=h0, requires_grad=requires_grad)
+    x = _permuted(x) if permuted else x
+    prefix = "fused_recurrent" if fused else "chunk"
+    target = getattr(torch.ops.ahn, f"{prefix}_{'gated_' if gated else ''}delta_rule").default
+    opcheck(target, _op_args(x, gated, fused=fused, lag=lag, l2norm=True))
+
+
+@GATED
+def test_opcheck_bwd(gated):
+    lengths = (5, 0, 15)
+    x = make_delta_inputs(1, 20, DELTA_HEADS[1], 8, 8, gated=gated, lengths=lengths, initial_state=gated)
+    grad_o, grad_ht = torch.randn(1, 20, 4, 8), torch.randn(3, 4, 8, 8)
+    target = getattr(torch.ops.ahn, f"chunk_{'gated_' if gated else ''}delta_rule_bwd").default
+    opcheck(target, (grad_o, grad_ht, *_op_args(x, gated, lag=(2, 1), l2norm=True)))
+
+
+def test_compile_chunk_gated_delta_rule():
+    x = make_delta_inputs(2, 40, DELTA_HEADS[1], 16, 16, initial_state=True, requires_grad=True)
+    compiled = torch.compile(ahn_kernels.chunk_gated_delta_rule, fullgraph=True)
+    o, ht = compiled(**x, output_final_state=True, chunk_size=16, lag=(4, 2))
+    o_e, ht_e = ahn_kernels.chunk_gated_delta_rule(**x, output_final_state=True, chunk_size=16, lag=(4, 2))
+    up = (torch.randn_like(o), torch.randn_like(ht))
+    got, want = _grads((o, ht), up, x), _grads((o_e, ht_e), up, x)
+    assert torch.equal(o, o_e) and torch.equal(ht, ht_e)
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
+
+
+def test_compile_fused_recurrent_gated_delta_rule():
+    x = make_delta_inputs(1, 20, DELTA_HEADS[0], 16, 16, lengths=(5, 0, 15), initial_state=True)
+    compiled = torch.compile(ahn_kernels.fused_recurrent_gated_delta_rule, fullgraph=True)
+    o, ht = compiled(**x, output_final_state=True, use_qk_l2norm_in_kernel=True)
+    o_e, ht_e = ahn_kernels.fused_recurrent_gated_delta_rule(**x, output_final_state=True,
+                                                             use_qk_l2norm_in_kernel=True)
+    assert torch.equal(o, o_e) and torch.equal(ht, ht_e)
+
+
+def test_fused_recurrent_is_forward_only():
+    x = make_delta_inputs(1, 5, requires_grad=True)
+    o, ht = ahn_kernels.fused_recurrent_gated_delta_rule(**x, output_final_state=True)
+    assert not o.requires_grad and not ht.requires_grad
+
+
+DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16],
+                                 ids=["fp32", "fp16", "bf16"])
+# (B, lengths, T, heads, K, V, initial_state, l2norm, lag, chunk_size)
+OP_CASES = [
+    (2, None, 70, DELTA_HEADS[0], 60, 32, True, True, None, 64),
+    (1, VARLEN_LENGTHS[1], 22, DELTA_HEADS[1], 7, 100, True, False, (4, 2), 16),
+]
+
+
+@DTYPES
+@GATED
+@pytest.mark.parametrize("B, lengths, T, heads, K, V, h0, l2norm, lag, chunk_size", OP_CASES,
+                         ids=["dense", "varlen_lag"])
+def test_chunk_op_vs_reference(dtype, gated, B, lengths, T, heads, K, V, h0, l2norm, lag, chunk_size):
+    """Forward, final state and every gradient (random upstream for o and the final state) vs fp64."""
+    x = make_delta_inputs(B, T, heads, K, V, gated=gated, dtype=dtype, lengths=lengths, initial_state=h0,
+                          unit_keys=not l2norm, requires_grad=True)
+    o, ht = CHUNK_OPS[gated](**x, output_final_state=True, use_qk_l2norm_in_kernel=l2norm, lag=lag,
+                             chunk_size=chunk_size)
+    assert o.dtype == dtype and ht.dtype == torch.float32
+    x64 = _fp64(x, requires_grad=True)
+    o_ref, ht_ref = reference.recurrent(**x64, use_qk_l2norm=l2norm, lag=lag)
+    assert_close("o", o, o_ref, tolerance(dtype, "out"))
+    assert_close("final_state", ht, ht_ref, tolerance(dtype, "out"))
+    up = (torch.randn_like(o_ref), torch.randn_like(ht_ref))
+    got = _grads((o, ht), (up[0].to(dtype), up[1].float()), x)
+    want = _grads((o_ref, ht_ref), up, x64)
+    for name, ref in want.items():
+        kind = "gate" if name in ("beta", "g") else "grad"
+        assert got[name].dtype == x[name].dtype
+        assert_close(f"d{name}", got[name], ref, tolerance(dtype, kind))
+
+
+# ----------------------------------------------------------------------------
+# fused_recurrent: every backend vs the fp64 token loop
+# ----------------------------------------------------------------------------
+BACKENDS = ["cpu", "triton", "reference"]
+# (B, T, K, V, heads, lengths, initial_state, l2norm, dtype, gated, on_triton): every
+# DELTA_RECURRENT_T with every DELTA_RECURRENT_DIMS as K (V the next one) in fp32, then
+# fp16 / bf16 and varlen cases. The Triton interpreter costs milliseconds per token and
+# program, so it runs the T = 1 and the small cases only.
+FUSED_CASES = [
+    (2 if T < 65 else 1, T, K, DELTA_RECURRENT_DIMS[(j + 1) % 4], DELTA_HEADS[(i + j) % 2], None, (i + j) % 3 != 0,
+     (i + j) % 2 == 1, torch.float32, (i + j) % 4 != 1, T == 1)
+    for i, T in enumerate(DELTA_RECURRENT_T) for j, K in enumerate(DELTA_RECURRENT_DIMS)
+] + [
+    (1, 65, 7, 8, DELTA_HEADS[1], None, True, True, torch.float32, True, True),
+    (1, 22, 16, 16, DELTA_HEADS[0], VARLEN_LENGTHS[1], True, True, torch.float16, True, True),
+    (1, 22, 60, 7, DELTA_HEADS[1], VARLEN_LENGTHS[1], False, False, torch.bfloat16, False, True),
+    (2, 65, 60, 100, DELTA_HEADS[0], None, True, True, torch.bfloat16, True, False),
+    (1, sum(VARLEN_LENGTHS[0]), 60, 100, DELTA_HEADS[1], VARLEN_LENGTHS[0], True, True, torch.float32, True, False),
+]
+
+
+def _require(backend, gated):
+    name = f"fused_recurrent_{'gated_' if gated else ''}delta_rule"
+    if backend not in _backend.available(name, "cpu"):
+        reason = {"cpu": f"ahn_kernels._C is not built ({_backend.build_info().get('error')})",
+                  "triton": "triton is not installed or TRITON_INTERPRET is not 1"}[backend]
+        pytest.skip(f"backend {backend!r} unavailable here: {reason}")
+    return name
+
+
+def _fused_tolerance(backend, dtype):
+    return CPU_KERNEL_FP32 if backend == "cpu" and dtype == torch.float32 else tolerance(dtype, "out")
+
+
+def _fused_id(backend, B, T, K, V, heads, lengths, h0, l2norm, dtype, gated):
+    return "-".join([backend, "gated" if gated else "delta", str(dtype).replace("torch.float", "fp"),
+                     f"B{B}T{T}K{K}V{V}", "H{}.{}.{}".format(*heads), "varlen" if lengths else "dense",
+                     "h0" if h0 else "no_h0", "l2norm" if l2norm else "raw"])
+
+
+FUSED_PARAMS = [pytest.param(backend, *case[:-1], id=_fused_id(backend, *case[:-1]))
+                for case in FUSED_CASES for backend in BACKENDS if backend != "triton" or case[-1]]
+
+
+@pytest.mark.parametrize("backend, B, T, K, V, heads, lengths, h0, l2norm, dtype, gated", FUSED_PARAMS)
+def test_fused_recurrent_vs_reference(backend, B, T, K, V, heads, lengths, h0, l2norm, dtype, gated):
+    name = _require(backend, gated)
+    x = make_delta_inputs(B, T, heads, K, V, gated=gated, dtype=dtype, lengths=lengths, initial_state=h0,
+                          unit_keys=not l2norm)
+    with ahn_kernels.use_backend(backend):
+        assert _backend.choose(name, "cpu") == backend
+        o, ht = FUSED_OPS[gated](**x, output_final_state=True, use_qk_l2norm_in_kernel=l2norm)
+    o_ref, ht_ref = _oracle(x, use_qk_l2norm=l2norm)
+    assert o.dtype == dtype and o.is_contiguous() and ht.dtype == torch.float32
+    tol = _fused_tolerance(backend, dtype)
+    assert_close("o", o, o_ref, tol)
+    assert_close("final_state", ht, ht_ref, tol)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_recurrent_decode_continuation(backend):
+    """A prefill then single-token steps, each from the returned state, equals the whole sequence."""
+    _require(backend, True)
+    x = make_delta_inputs(2, 22, DELTA_HEADS[1], 60, 7, initial_state=True)
+    with ahn_kernels.use_backend(backend):
+        o, ht = op.fused_recurrent_gated_delta_rule(**x, output_final_state=True)
+        h, outs = x["initial_state"], []
+        for s, e in ((0, 20), (20, 21), (21, 22)):
+            part = {n: x[n][:, s:e] for n in ("q", "k", "v", "g", "beta")}
+            o_p, h = op.fused_recurrent_gated_delta_rule(**part, initial_state=h, output_final_state=True)
+            outs.append(o_p)
+    tol = _fused_tolerance(backend, torch.float32)
+    assert_close("o", torch.cat(outs, 1), o, tol)
+    assert_close("final_state", h, ht, tol)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("lengths", [None, (0, 0)], ids=["dense", "varlen"])
+@pytest.mark.parametrize("h0", [False, True], ids=["no_h0", "h0"])
+def test_fused_recurrent_no_tokens(backend, lengths, h0):
+    """T = 0: every sequence is empty, so the final state is the initial state (or zeros)."""
+    _require(backend, True)
+    x = make_delta_inputs(2 if lengths is None else 1, 0, DELTA_HEADS[1], 7, 8, lengths=lengths, initial_state=h0)
+    with ahn_kernels.use_backend(backend):
+        o, ht = op.fused_recurrent_gated_delta_rule(**x, output_final_state=True)
+    assert o.shape == (o.shape[0], 0, 4, 8)
+    assert torch.equal(ht, x["initial_state"] if h0 else torch.zeros(2, 4, 7, 8))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_fused_recurrent_red_zone(backend):
+    """Kernels read and write only inside their tensors: NaN guard bands around every input and output."""
+    _require(backend, True)
+    x = make_delta_inputs(1, 22, DELTA_HEADS[1], 7, 8, lengths=VARLEN_LENGTHS[1], initial_state=True)
+    checks, zoned = [], {}
+    for n, t in x.items():
+        if isinstance(t, torch.Tensor):
+            fill = float("nan") if t.is_floating_point() else 1 << 40
+            zoned[n], check = red_zone(tuple(t.shape), t.dtype, fill=fill)
+            zoned[n].copy_(t)
+            checks.append(check)
+        else:
+            zoned[n] = t
+    o, check_o = red_zone((1, 22, 4, 8), torch.float32)
+    ht, check_ht = red_zone((3, 4, 7, 8), torch.float32)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the CPU kernel splits sequences x heads over these threads
+    try:
+        op.run_fused_recurrent(backend, zoned["q"], zoned["k"], zoned["v"], zoned["g"], zoned["beta"], 7 ** -0.5,
+                               zoned["initial_state"], zoned["cu_seqlens"], True, o, ht)
+    finally:
+        torch.set_num_threads(threads)
+    for check in (*checks, check_o, check_ht):
+        check()
+    o_ref, ht_ref = _oracle(x, use_qk_l2norm=True)
+    assert_close("o", o, o_ref, _fused_tolerance(backend, torch.float32))
+    assert_close("final_state", ht, ht_ref, _fused_tolerance(backend, torch.float32))
+
+
+# ----------------------------------------------------------------------------
+# validation: every argument is checked at the boundary and named
+# ----------------------------------------------------------------------------
+BAD = [  # (change to the arguments, exception, text the message must contain)
+    (lambda a: a.update(q=a["q"].double()), TypeError, "q: dtype"),
+    (lambda a: a.update(k=a["k"].half()), TypeError, "k: dtype"),
+    (lambda a: a.update(q=a["q"][0]), ValueError, "q: expected 4 dims"),
+    (lambda a: a.update(v=a["v"][:, :5]), ValueError, "v: dim 1 (T)"),
+    (lambda a: a.update(k=a["k"][..., :4]), ValueError, "k: dim 3 (K)"),
+    (lambda a: a.update(q=torch.randn(2, 10, 3, 8)), ValueError, "q: its 3 heads"),
+    (lambda a: a.update(beta=a["beta"][..., :2]), ValueError, "beta: dim 2 (HS)"),
+    (lambda a: a.update(g=None), TypeError, "g: expected a torch.Tensor"),
+    (lambda a: a.update(initial_state=torch.randn(2, 4, 8, 8).half()), TypeError, "initial_state: dtype"),
+    (lambda a: a.update(initial_state=torch.randn(3, 4, 8, 8)), ValueError, "initial_state: dim 0 (N)"),
+    (lambda a: a.update(cu_seqlens=torch.tensor([0, 10, 20])), ValueError, "cu_seqlens: given"),
+    (lambda a: a.update(chunk_size=48), ValueError, "chunk_size"),
+    (lambda a: a.update(lag=(0, 0)), ValueError, "window_size"),
+    (lambda a: a.update(scale="1"), TypeError, "scale"),
+    (lambda a: a.update(q=torch.randn(2, 10, 2, 300), k=torch.randn(2, 10, 2, 300)), ValueError, "q: head dim"),
+]
+
+
+@pytest.mark.parametrize("change, exc, text", BAD, ids=[b[2] for b in BAD])
+def test_bad_arguments(change, exc, text):
+    args = make_delta_inputs(2, 10, DELTA_HEADS[0], 8, 8)
+    change(args)
+    with pytest.raises(exc, match=text.replace("(", r"\(").replace(")", r"\)")):
+        op.chunk_gated_delta_rule(**args)
+
