@@ -179,8 +179,9 @@ def ssd_state_update_cases(device="cpu", dtype=torch.float32, batch=16, H=8, P=6
                 peer="transformers")
     case.providers["ahn"] = lambda: lambda: ak.ssd_state_update(state, x, dt, A, Bm, Cm, dt_bias=dt_bias,
                                                                 dt_softplus=True)
-    if peer is not None:
-        case.providers["transformers"] = lambda: lambda: peer(state, x, dt, A, Bm, Cm, dt_bias=dt_bias,
+    if peer is not None:  # it wants dt [B, H, P], A [H, P, N], dt_bias [H, P]: stride-0 views, as mamba's callers pass
+        dt_x, A_x, bias_x = dt[..., None].expand(-1, -1, P), A[:, None, None].expand(-1, P, N), dt_bias[:, None].expand(-1, P)
+        case.providers["transformers"] = lambda: lambda: peer(state, x, dt_x, A_x, Bm, Cm, dt_bias=bias_x,
                                                               dt_softplus=True)
     return [case]
 
