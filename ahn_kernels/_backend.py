@@ -15,13 +15,18 @@ An op that lacks the forced backend keeps its default and warns once.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import importlib.util
 import os
 import threading
 import warnings
 
+# torch first: _C links the system OpenMP runtime under the same soname as torch's
+# bundled one, and whichever loads first serves both; torch's must be that one.
+import torch  # noqa: F401
+
 try:
-    from . import _C
+    _C = importlib.import_module(f"{__package__}._C")
     _C_ERROR = None
 except ImportError as exc:  # built without a compiler: every op runs its reference
     _C = None

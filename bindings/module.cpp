@@ -1,0 +1,126 @@
+// ahn_kernels._C: the launcher table. Tensors cross as raw addresses (Python ints
+// from `.data_ptr()`, 0 = null), sizes and element strides; streams as integer
+// handles. No torch here, so one build serves every torch version.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstdint>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "common/check.h"
+#include "delta_rule/delta_rule.h"
+
+namespace py = pybind11;
+
+namespace {
+
+// Exposes a pointer field as a Python int property.
+template <class Class, class Ptr>
+void pointer_field(py::class_<Class>& c, const char* name, Ptr Class::*field) {
+  c.def_property(
+      name, [field](const Class& self) { return reinterpret_cast<std::uintptr_t>(self.*field); },
+      [field](Class& self, std::uintptr_t addr) { self.*field = reinterpret_cast<Ptr>(addr); });
+}
+
+// The struct comes from Python field by field: guard what would make a kernel read
+// out of bounds or divide by zero before any launcher runs.
+void check(const ahn::FusedRecurrentParams& p) {
+  AHN_CHECK(p.B >= 0 && p.T >= 0 && p.N >= 0, "B, T and N must be >= 0");
+  AHN_CHECK(p.B * p.T == 0 || (p.q && p.k && p.v && p.beta && p.o), "q, k, v, beta and o must be set");
+  AHN_CHECK(p.cu_seqlens ? p.B == 1 : p.N == p.B, "N must equal B without cu_seqlens, and B must be 1 with it");
+  AHN_CHECK(p.HQ > 0 && p.HK > 0 && p.HV > 0 && p.HS > 0, "head counts must be > 0");
+  AHN_CHECK(p.HS % p.HQ == 0 && p.HS % p.HK == 0 && p.HS % p.HV == 0, "HQ, HK and HV must divide HS");
+  AHN_CHECK(p.K >= 1 && p.K <= 256 && p.V >= 1 && p.V <= 256, "K and V must be in 1..256");
+}
+
+py::dict build_info() {
+  py::dict d;
+  d["cpu"] = true;
+#ifdef AHN_WITH_CUDA
+  d["cuda"] = true;
+  std::vector<std::string> archs;
+  const std::string list = AHN_CUDA_ARCHS;  // e.g. "sm_80,sm_90a,compute_90"
+  for (size_t start = 0, end; start < list.size(); start = end + 1) {
+    end = list.find(',', start);
+    if (end == std::string::npos) end = list.size();
+    if (end > start) archs.push_back(list.substr(start, end - start));
+  }
+  d["cuda_archs"] = archs;
+  d["cuda_compiler"] = AHN_CUDA_COMPILER;
+#else
+  d["cuda"] = false;
+  d["cuda_archs"] = std::vector<std::string>{};
+  d["cuda_compiler"] = py::none();
+#endif
+  d["cxx_compiler"] = AHN_CXX_COMPILER;
+#ifdef _OPENMP
+  d["openmp"] = true;
+#else
+  d["openmp"] = false;
+#endif
+  d["native"] = bool(AHN_NATIVE);
+  d["sanitize"] = bool(AHN_SANITIZE);
+  return d;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "ahn_kernels compiled kernels (torch-free launchers on raw pointers)";
+  m.def("build_info", &build_info, "What this build holds: backends, CUDA archs, compilers, flags.");
+
+  // ---- delta_rule -------------------------------------------------------------
+  using P = ahn::FusedRecurrentParams;
+  py::class_<P> params(m, "FusedRecurrentParams",
+                       "Arguments of the fused recurrent (token-serial) delta rule forward; see "
+                       "csrc/delta_rule/delta_rule.h. Pointers are addresses (int, 0 = null).");
+  params.def(py::init<>());
+  pointer_field(params, "q", &P::q);
+  pointer_field(params, "k", &P::k);
+  pointer_field(params, "v", &P::v);
+  pointer_field(params, "g", &P::g);
+  pointer_field(params, "beta", &P::beta);
+  pointer_field(params, "h0", &P::h0);
+  pointer_field(params, "o", &P::o);
+  pointer_field(params, "ht", &P::ht);
+  pointer_field(params, "cu_seqlens", &P::cu_seqlens);
+  using Field = std::pair<const char*, int64_t P::*>;
+  const std::initializer_list<Field> sizes_and_strides = {
+      {"B", &P::B},         {"T", &P::T},         {"N", &P::N},        {"HQ", &P::HQ},  {"HK", &P::HK},
+      {"HV", &P::HV},       {"HS", &P::HS},       {"K", &P::K},        {"V", &P::V},    {"q_sb", &P::q_sb},
+      {"q_st", &P::q_st},   {"q_sh", &P::q_sh},   {"k_sb", &P::k_sb},  {"k_st", &P::k_st},
+      {"k_sh", &P::k_sh},   {"v_sb", &P::v_sb},   {"v_st", &P::v_st},  {"v_sh", &P::v_sh},
+      {"g_sb", &P::g_sb},   {"g_st", &P::g_st},   {"g_sh", &P::g_sh},  {"beta_sb", &P::beta_sb},
+      {"beta_st", &P::beta_st}, {"beta_sh", &P::beta_sh}};
+  for (auto [name, field] : sizes_and_strides) params.def_readwrite(name, field);
+  params.def_readwrite("scale", &P::scale);
+  params.def_readwrite("l2norm", &P::l2norm);
+  params.def_property(
+      "dtype", [](const P& p) { return int(p.dtype); },
+      [](P& p, int code) {
+        AHN_CHECK(code >= 0 && code <= 2, "dtype must be 0 (f32), 1 (f16) or 2 (bf16), got " + std::to_string(code));
+        p.dtype = ahn::DType(code);
+      });
+
+  m.def(
+      "launch_fused_recurrent_fwd_cpu",
+      [](const P& p, int num_threads) {
+        check(p);
+        py::gil_scoped_release release;
+        ahn::launch_fused_recurrent_fwd_cpu(p, num_threads);
+      },
+      py::arg("p"), py::arg("num_threads"), "Run on host memory with `num_threads` OpenMP threads.");
+#ifdef AHN_WITH_CUDA
+  m.def(
+      "launch_fused_recurrent_fwd_cuda",
+      [](const P& p, std::uintptr_t stream) {
+        check(p);
+        py::gil_scoped_release release;
+        ahn::launch_fused_recurrent_fwd_cuda(p, reinterpret_cast<void*>(stream));
+      },
+      py::arg("p"), py::arg("stream"),
+      "Enqueue on the cudaStream_t `stream` (int handle, 0 = legacy default); does not synchronise.");
+#endif
+}
