@@ -148,6 +148,29 @@ def _check_D(D, H: int, P: int) -> None:
         check.shape("D", D, (H,), "H")
 
 
+def _check_params(x, A, B, C, D, z, dt_bias, lead: str) -> None:
+    """A, B, C, D, z, dt_bias against x [*lead, H, P] (the checks the scan and the decode step share)."""
+    H, P = x.shape[-2:]
+    n = x.dim() - 2
+    check.tensor("A", A, ndim=1, dims="H", dtypes=GATE_DTYPES)
+    check.shape("A", A, (H,), "H")
+    for name, t in (("B", B), ("C", C)):
+        check.tensor(name, t, ndim=n + 2, dims=f"{lead} G N_state")
+        check.shape(name, t, (*x.shape[:n], None, None), f"{lead} G N_state")
+    check.shape("C", C, tuple(B.shape), f"{lead} G N_state")
+    _check_groups(H, B.shape[-2])
+    check.head_dim("B", B.shape[-1])
+    if D is not None:
+        _check_D(D, H, P)
+    if z is not None:
+        check.tensor("z", z, ndim=n + 2, dims=f"{lead} H P")
+        check.shape("z", z, tuple(x.shape), f"{lead} H P")
+    if dt_bias is not None:
+        check.tensor("dt_bias", dt_bias, ndim=1, dims="H", dtypes=GATE_DTYPES)
+        check.shape("dt_bias", dt_bias, (H,), "H")
+    check.same_dtype("x", x, B=B, C=C, z=z)
+
+
 def _check_dt_limit(dt_limit) -> tuple[float, float]:
     if not (isinstance(dt_limit, (tuple, list)) and len(dt_limit) == 2
             and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in dt_limit)):
@@ -199,23 +222,7 @@ def ssd_chunk_scan(x, dt, A, B, C, chunk_size=256, D=None, z=None, dt_bias=None,
     check.head_dim("x", P)
     check.tensor("dt", dt, ndim=3, dims="B T H", dtypes=GATE_DTYPES)
     check.shape("dt", dt, (Bsz, T, H), "B T H")
-    check.tensor("A", A, ndim=1, dims="H", dtypes=GATE_DTYPES)
-    check.shape("A", A, (H,), "H")
-    for name, t in (("B", B), ("C", C)):
-        check.tensor(name, t, ndim=4, dims="B T G N_state")
-        check.shape(name, t, (Bsz, T, None, None), "B T G N_state")
-    check.shape("C", C, tuple(B.shape), "B T G N_state")
-    _check_groups(H, B.shape[2])
-    check.head_dim("B", B.shape[3])
-    if D is not None:
-        _check_D(D, H, P)
-    if z is not None:
-        check.tensor("z", z, ndim=4, dims="B T H P")
-        check.shape("z", z, tuple(x.shape), "B T H P")
-    if dt_bias is not None:
-        check.tensor("dt_bias", dt_bias, ndim=1, dims="H", dtypes=GATE_DTYPES)
-        check.shape("dt_bias", dt_bias, (H,), "H")
-    check.same_dtype("x", x, B=B, C=C, z=z)
+    _check_params(x, A, B, C, D, z, dt_bias, "B T")
     check.same_device("x", x, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=dt_bias, initial_states=initial_states)
     check.chunk_size(chunk_size, CHUNK_SIZES)
     N = check.cu_seqlens(cu_seqlens, x, Bsz, T, ref_name="x")
@@ -256,25 +263,9 @@ def ssd_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_sof
     check.tensor("state", state, ndim=4, dims="N H P N_state", dtypes=(torch.float32,))
     check.tensor("dt", dt, ndim=2, dims="B H", dtypes=GATE_DTYPES)
     check.shape("dt", dt, (Bsz, H), "B H")
-    check.tensor("A", A, ndim=1, dims="H", dtypes=GATE_DTYPES)
-    check.shape("A", A, (H,), "H")
-    for name, t in (("B", B), ("C", C)):
-        check.tensor(name, t, ndim=3, dims="B G N_state")
-        check.shape(name, t, (Bsz, None, None), "B G N_state")
-    check.shape("C", C, tuple(B.shape), "B G N_state")
-    _check_groups(H, B.shape[1])
-    check.head_dim("B", B.shape[2])
+    _check_params(x, A, B, C, D, z, dt_bias, "B")
     check.shape("state", state, (Bsz if state_batch_indices is None else None, H, P, B.shape[2]),
                 "N H P N_state")
-    if D is not None:
-        _check_D(D, H, P)
-    if z is not None:
-        check.tensor("z", z, ndim=3, dims="B H P")
-        check.shape("z", z, tuple(x.shape), "B H P")
-    if dt_bias is not None:
-        check.tensor("dt_bias", dt_bias, ndim=1, dims="H", dtypes=GATE_DTYPES)
-        check.shape("dt_bias", dt_bias, (H,), "H")
-    check.same_dtype("x", x, B=B, C=C, z=z)
     check.same_device("x", x, state=state, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=dt_bias)
     if state_batch_indices is not None:
         check.indices("state_batch_indices", state_batch_indices, Bsz, state.shape[0], x, "x")

@@ -115,7 +115,6 @@ def blockwise(q, k, v, window_size, num_sinks, scale, cu_seqlens=None):
     lse [B, HQ, T] in fp32 (fp64 for fp64 inputs).
     """
     B, T, HQ, D = q.shape
-    HK = k.shape[2]
     cdt = _compute_dtype(q.dtype)
     o = q.new_empty(B, T, HQ, D)  # [B, T, HQ, D]
     lse = q.new_empty(B, HQ, T, dtype=cdt)  # [B, HQ, T]
