@@ -161,6 +161,9 @@ def _cases():
     return {
         "chunk_delta_rule": _delta_case("chunk_delta_rule", True),
         "chunk_gated_delta_rule": _delta_case("chunk_gated_delta_rule", True),
+        # A backward runs only behind its forward: these check gradients through the forward's case.
+        "chunk_delta_rule_bwd": _delta_case("chunk_delta_rule", True),
+        "chunk_gated_delta_rule_bwd": _delta_case("chunk_gated_delta_rule", True),
         "fused_recurrent_delta_rule": _delta_case("fused_recurrent_delta_rule", False),
         "fused_recurrent_gated_delta_rule": _delta_case("fused_recurrent_gated_delta_rule", False),
         "ssd_chunk_scan": _ssd_case("ssd_chunk_scan"),

@@ -35,6 +35,18 @@ void check(const ahn::FusedRecurrentParams& p) {
   AHN_CHECK(p.K >= 1 && p.K <= 256 && p.V >= 1 && p.V <= 256, "K and V must be in 1..256");
 }
 
+void check(const ahn::ChunkParams& p) {
+  AHN_CHECK(p.B >= 0 && p.T >= 0 && p.N >= 0, "B, T and N must be >= 0");
+  AHN_CHECK(p.B * p.T == 0 || (p.q && p.k && p.v && p.beta && p.o), "q, k, v, beta and o must be set");
+  AHN_CHECK(p.N * p.HS == 0 || p.ht, "ht must be set");
+  AHN_CHECK(p.cu_seqlens ? p.B == 1 : p.N == p.B, "N must equal B without cu_seqlens, and B must be 1 with it");
+  AHN_CHECK(p.HQ > 0 && p.HK > 0 && p.HV > 0 && p.HS > 0, "head counts must be > 0");
+  AHN_CHECK(p.HS % p.HQ == 0 && p.HS % p.HK == 0 && p.HS % p.HV == 0, "HQ, HK and HV must divide HS");
+  AHN_CHECK(p.K >= 1 && p.K <= 256 && p.V >= 1 && p.V <= 256, "K and V must be in 1..256");
+  AHN_CHECK(p.C == 16 || p.C == 32 || p.C == 64, "C must be 16, 32 or 64");
+  AHN_CHECK(p.W >= 0 && p.S >= 0 && (p.W > 0 || p.S == 0), "W and S must be >= 0, and S = 0 without a window");
+}
+
 py::dict build_info() {
   py::dict d;
   d["cpu"] = true;
@@ -112,6 +124,48 @@ PYBIND11_MODULE(_C, m) {
         ahn::launch_fused_recurrent_fwd_cpu(p, num_threads);
       },
       py::arg("p"), py::arg("num_threads"), "Run on host memory with `num_threads` OpenMP threads.");
+
+  using CP = ahn::ChunkParams;
+  py::class_<CP> chunk(m, "ChunkParams",
+                       "Arguments of the chunked (WY / UT) delta rule forward with lag; see "
+                       "csrc/delta_rule/delta_rule.h. Pointers are addresses (int, 0 = null).");
+  chunk.def(py::init<>());
+  pointer_field(chunk, "q", &CP::q);
+  pointer_field(chunk, "k", &CP::k);
+  pointer_field(chunk, "v", &CP::v);
+  pointer_field(chunk, "g", &CP::g);
+  pointer_field(chunk, "beta", &CP::beta);
+  pointer_field(chunk, "h0", &CP::h0);
+  pointer_field(chunk, "o", &CP::o);
+  pointer_field(chunk, "ht", &CP::ht);
+  pointer_field(chunk, "cu_seqlens", &CP::cu_seqlens);
+  using ChunkField = std::pair<const char*, int64_t CP::*>;
+  const std::initializer_list<ChunkField> chunk_sizes_and_strides = {
+      {"B", &CP::B},         {"T", &CP::T},         {"N", &CP::N},        {"HQ", &CP::HQ},  {"HK", &CP::HK},
+      {"HV", &CP::HV},       {"HS", &CP::HS},       {"K", &CP::K},        {"V", &CP::V},    {"C", &CP::C},
+      {"W", &CP::W},         {"S", &CP::S},         {"q_sb", &CP::q_sb},  {"q_st", &CP::q_st},
+      {"q_sh", &CP::q_sh},   {"k_sb", &CP::k_sb},   {"k_st", &CP::k_st},  {"k_sh", &CP::k_sh},
+      {"v_sb", &CP::v_sb},   {"v_st", &CP::v_st},   {"v_sh", &CP::v_sh},  {"g_sb", &CP::g_sb},
+      {"g_st", &CP::g_st},   {"g_sh", &CP::g_sh},   {"beta_sb", &CP::beta_sb}, {"beta_st", &CP::beta_st},
+      {"beta_sh", &CP::beta_sh}};
+  for (auto [name, field] : chunk_sizes_and_strides) chunk.def_readwrite(name, field);
+  chunk.def_readwrite("scale", &CP::scale);
+  chunk.def_readwrite("l2norm", &CP::l2norm);
+  chunk.def_property(
+      "dtype", [](const CP& p) { return int(p.dtype); },
+      [](CP& p, int code) {
+        AHN_CHECK(code >= 0 && code <= 2, "dtype must be 0 (f32), 1 (f16) or 2 (bf16), got " + std::to_string(code));
+        p.dtype = ahn::DType(code);
+      });
+  m.def(
+      "launch_chunk_fwd_cpu",
+      [](const CP& p, int num_threads) {
+        check(p);
+        py::gil_scoped_release release;
+        ahn::launch_chunk_fwd_cpu(p, num_threads);
+      },
+      py::arg("p"), py::arg("num_threads"), "Run on host memory with `num_threads` OpenMP threads.");
+
 #ifdef AHN_WITH_CUDA
   m.def(
       "launch_fused_recurrent_fwd_cuda",

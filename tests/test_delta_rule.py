@@ -1,4 +1,4 @@
-"""DeltaNet and Gated DeltaNet: references, ops and every fused_recurrent backend (DESIGN §5).
+"""DeltaNet and Gated DeltaNet: references, ops, the CPU chunk kernel and every fused_recurrent backend (DESIGN §5).
 
 The oracle is ``reference.recurrent`` (the token loop) in fp64; ``reference.chunked``
 is checked against it, and the ops against both.
@@ -314,6 +314,97 @@ def test_chunk_op_vs_reference(dtype, gated, B, lengths, T, heads, K, V, h0, l2n
         kind = "gate" if name in ("beta", "g") else "grad"
         assert got[name].dtype == x[name].dtype
         assert_close(f"d{name}", got[name], ref, tolerance(dtype, kind))
+
+
+# ----------------------------------------------------------------------------
+# chunk: the compiled CPU forward vs the fp64 token loop (the backward runs the reference)
+# ----------------------------------------------------------------------------
+KERNEL_T = (1, 63, 64, 65, 300)
+KERNEL_HEADS = ((4, 2, 2), (1, 1, 4))  # AHN's grouped k/v; fla's grouped values with one q/k head
+# (K, V, heads, initial_state, l2norm, lag, decay, dtype, permuted), rotated over T x chunk size:
+# every T with every chunk size, every variant with every chunk size.
+_KERNEL_VARIANTS = [
+    (60, 100, KERNEL_HEADS[0], True, False, None, 1.0, torch.float32, False),
+    (128, 128, KERNEL_HEADS[1], False, True, (10, 3), 5.0, torch.float32, True),
+    (100, 7, KERNEL_HEADS[0], True, True, (1, 0), 1.0, torch.bfloat16, False),
+    (7, 60, KERNEL_HEADS[1], True, False, None, 5.0, torch.bfloat16, True),
+    (128, 60, KERNEL_HEADS[0], False, False, (5, 250), 1.0, torch.float32, False),
+]
+KERNEL_CASES = [(T, C, *_KERNEL_VARIANTS[(i + j) % len(_KERNEL_VARIANTS)])
+                for i, T in enumerate(KERNEL_T) for j, C in enumerate(DELTA_CHUNK_SIZES)]
+
+
+def _require_chunk_kernel():
+    if "cpu" not in _backend.available("chunk_gated_delta_rule", "cpu"):
+        pytest.skip(f"ahn_kernels._C is not built ({_backend.build_info().get('error')})")
+
+
+def _chunk_kernel(x, gated, **kw):
+    with ahn_kernels.use_backend("cpu"):
+        assert _backend.choose(f"chunk_{'gated_' if gated else ''}delta_rule", "cpu") == "cpu"
+        return CHUNK_OPS[gated](**x, output_final_state=True, **kw)
+
+
+@GATED
+@pytest.mark.parametrize("T, chunk_size, K, V, heads, h0, l2norm, lag, decay, dtype, permuted", KERNEL_CASES)
+def test_chunk_kernel_vs_recurrent(gated, T, chunk_size, K, V, heads, h0, l2norm, lag, decay, dtype, permuted):
+    _require_chunk_kernel()
+    x = make_delta_inputs(2, T, heads, K, V, gated=gated, dtype=dtype, initial_state=h0, unit_keys=not l2norm,
+                          decay=decay)
+    x = _permuted(x) if permuted else x
+    o, ht = _chunk_kernel(x, gated, use_qk_l2norm_in_kernel=l2norm, lag=lag, chunk_size=chunk_size)
+    o_ref, ht_ref = _oracle(x, use_qk_l2norm=l2norm, lag=lag)
+    assert o.dtype == dtype and o.is_contiguous() and ht.dtype == torch.float32
+    assert_close("o", o, o_ref, tolerance(dtype, "out"))
+    assert_close("final_state", ht, ht_ref, tolerance(dtype, "out"))
+
+
+@GATED
+@pytest.mark.parametrize("lag, chunk_size", [(None, 64), ((10, 3), 16), ((1, 0), 32)])
+def test_chunk_kernel_varlen(gated, lag, chunk_size):
+    """Packed sequences, with an empty and a one-token one; rows without memory must be exactly 0."""
+    _require_chunk_kernel()
+    lengths = VARLEN_LENGTHS[0]
+    x = make_delta_inputs(1, sum(lengths), KERNEL_HEADS[0], 60, 33, gated=gated, lengths=lengths,
+                          initial_state=True)
+    o, ht = _chunk_kernel(x, gated, lag=lag, chunk_size=chunk_size)
+    o_ref, ht_ref = _oracle(x, lag=lag)
+    assert torch.equal(o[o_ref == 0], o_ref[o_ref == 0].float())
+    assert_close("o", o, o_ref, tolerance(torch.float32, "out"))
+    assert_close("final_state", ht, ht_ref, tolerance(torch.float32, "out"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_chunk_kernel_red_zone_and_threads(dtype):
+    """Writes stay inside o and final_state (NaN guard bands around every tensor), and the
+    result is bitwise the same on 1 and 2 threads (one task per sequence and head)."""
+    _require_chunk_kernel()
+    lengths = VARLEN_LENGTHS[1]
+    x = make_delta_inputs(1, sum(lengths), KERNEL_HEADS[1], 7, 20, dtype=dtype, lengths=lengths,
+                          initial_state=True)
+    zoned, checks = {}, []
+    for n, t in x.items():
+        if isinstance(t, torch.Tensor):
+            zoned[n], check = red_zone(tuple(t.shape), t.dtype, fill=float("nan") if t.is_floating_point() else 1 << 40)
+            zoned[n].copy_(t)
+            checks.append(check)
+    results, threads = [], torch.get_num_threads()
+    for n_threads in (1, 2):
+        o, check_o = red_zone((1, sum(lengths), 4, 20), dtype)
+        ht, check_ht = red_zone((3, 4, 7, 20), torch.float32)
+        torch.set_num_threads(n_threads)
+        try:
+            op.run_chunk(zoned["q"], zoned["k"], zoned["v"], zoned["g"], zoned["beta"], 7 ** -0.5,
+                         zoned["initial_state"], zoned["cu_seqlens"], True, 16, 3, 1, o, ht)
+        finally:
+            torch.set_num_threads(threads)
+        for check in (*checks, check_o, check_ht):
+            check()
+        results.append((o.clone(), ht.clone()))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    o_ref, ht_ref = _oracle(x, use_qk_l2norm=True, lag=(3, 1))
+    assert_close("o", results[0][0], o_ref, tolerance(dtype, "out"))
+    assert_close("final_state", results[0][1], ht_ref, tolerance(dtype, "out"))
 
 
 # ----------------------------------------------------------------------------

@@ -52,7 +52,13 @@ def _sizes(q, k, v, beta, cu_seqlens):
 # 2. Device implementations (one function for CPU and CUDA).
 # ----------------------------------------------------------------------------
 def _chunk(op, q, k, v, g, beta, scale, initial_state, cu_seqlens, use_qk_l2norm, chunk_size, lag_window, lag_sinks):
-    _backend.choose(op, q.device.type)  # no chunk kernel yet: the chunked reference runs (and says so once)
+    if _backend.choose(op, q.device.type) == "cpu":
+        B, T, HS, K, V, N = _sizes(q, k, v, beta, cu_seqlens)
+        o = q.new_empty(B, T, HS, V)  # [B, T, HS, V]
+        ht = q.new_empty(N, HS, K, V, dtype=torch.float32)  # [N, HS, K, V]
+        run_chunk(q, k, v, g, beta, scale, initial_state, cu_seqlens, use_qk_l2norm, chunk_size, lag_window,
+                  lag_sinks, o, ht)
+        return o, ht
     o, ht = reference.chunked(q, k, v, beta, g, scale, initial_state, cu_seqlens, use_qk_l2norm,
                               _lag(lag_window, lag_sinks), chunk_size)
     return o.contiguous(), ht.contiguous()
@@ -61,7 +67,7 @@ def _chunk(op, q, k, v, g, beta, scale, initial_state, cu_seqlens, use_qk_l2norm
 def _chunk_bwd(op, grad_o, grad_ht, q, k, v, g, beta, scale, initial_state, cu_seqlens, use_qk_l2norm,
                chunk_size, lag_window, lag_sinks):
     """(dq, dk, dv, [dg,] dbeta, dh0); dh0 also without an initial state (the gradient w.r.t. zeros)."""
-    _backend.choose(op, q.device.type)
+    _backend.choose(op + "_bwd", q.device.type)  # no backward kernel yet: the explicit reference backward runs
     dq, dk, dv, dbeta, dg, dh0 = reference.chunked_bwd(grad_o, grad_ht, q, k, v, beta, g, scale, initial_state,
                                                        cu_seqlens, use_qk_l2norm, _lag(lag_window, lag_sinks),
                                                        chunk_size)
@@ -136,6 +142,40 @@ def run_fused_recurrent(backend, q, k, v, g, beta, scale, initial_state, cu_seql
     else:
         with torch.cuda.device(q.device):  # the launcher targets the current device: make it the tensors'
             _backend._C.launch_fused_recurrent_fwd_cuda(p, torch.cuda.current_stream(q.device).cuda_stream)
+
+
+def run_chunk(q, k, v, g, beta, scale, initial_state, cu_seqlens, use_qk_l2norm, chunk_size, lag_window, lag_sinks,
+              o, final_state):
+    """Run the compiled CPU chunk kernel, writing ``o`` and ``final_state`` in place.
+
+    o: [B, T, HS, V] contiguous in q's dtype; final_state: [N, HS, K, V] fp32 contiguous.
+    Exposed so that tests can hand the kernel outputs inside red zones.
+    """
+    # The kernel's contract, as run_fused_recurrent's: gates fp32, h0 fp32 contiguous, offsets int64.
+    g = None if g is None else g.float()
+    beta = beta.float()
+    h0 = None if initial_state is None else initial_state.contiguous()
+    cu = None if cu_seqlens is None else cu_seqlens.long()
+    B, T, HS, K, V, N = _sizes(q, k, v, beta, cu)
+    p = _backend._C.ChunkParams()
+    p.q, p.k, p.v, p.beta, p.o, p.ht = (t.data_ptr() for t in (q, k, v, beta, o, final_state))
+    p.g = 0 if g is None else g.data_ptr()
+    p.h0 = 0 if h0 is None else h0.data_ptr()
+    p.cu_seqlens = 0 if cu is None else cu.data_ptr()
+    p.B, p.T, p.N = B, T, N
+    p.HQ, p.HK, p.HV, p.HS = q.shape[2], k.shape[2], v.shape[2], HS
+    p.K, p.V = K, V
+    p.C, p.W, p.S = chunk_size, lag_window, lag_sinks
+    p.q_sb, p.q_st, p.q_sh = q.stride()[:3]
+    p.k_sb, p.k_st, p.k_sh = k.stride()[:3]
+    p.v_sb, p.v_st, p.v_sh = v.stride()[:3]
+    if g is not None:
+        p.g_sb, p.g_st, p.g_sh = g.stride()
+    p.beta_sb, p.beta_st, p.beta_sh = beta.stride()
+    p.scale = scale
+    p.l2norm = use_qk_l2norm
+    p.dtype = _DTYPE_CODE[q.dtype]
+    _backend._C.launch_chunk_fwd_cpu(p, torch.get_num_threads())
 
 
 def _fused_recurrent(op, q, k, v, g, beta, scale, initial_state, cu_seqlens, use_qk_l2norm):

@@ -42,9 +42,47 @@ struct FusedRecurrentParams {
   DType dtype = DType::f32;  // of q, k, v and o
 };
 
+// Chunked (WY / UT) forward: the same recurrence in chunks of C tokens, with AHN's
+// lagged readout. Per sequence [bos, eos) of length L and lag (W, S) (W = 0: none),
+// the state absorbs k/v/g/beta rows bos+S .. eos-1-W in order; output row
+// bos+S+W+j reads the state after absorbing row bos+S+j, with q row bos+S+W+j;
+// output rows bos .. min(eos, bos+S+W)-1 are 0. Without lag row t absorbs token t.
+struct ChunkParams {
+  // Pointers (host addresses of the first element).
+  const void* q = nullptr;             // [B, T, HQ, K]  dtype
+  const void* k = nullptr;             // [B, T, HK, K]  dtype
+  const void* v = nullptr;             // [B, T, HV, V]  dtype
+  const float* g = nullptr;            // [B, T, HS]     fp32 log-decay; nullptr for DeltaNet
+  const float* beta = nullptr;         // [B, T, HS]     fp32
+  const float* h0 = nullptr;           // [N, HS, K, V]  fp32 contiguous; nullptr = zeros
+  void* o = nullptr;                   // [B, T, HS, V]  dtype, contiguous
+  float* ht = nullptr;                 // [N, HS, K, V]  fp32 contiguous
+  const int64_t* cu_seqlens = nullptr; // [N + 1]; nullptr = N = B sequences of length T
+
+  // Sizes: batch, tokens, sequences, heads, head dims, chunk, lag window and sinks.
+  int64_t B = 0, T = 0, N = 0;
+  int64_t HQ = 0, HK = 0, HV = 0, HS = 0;
+  int64_t K = 0, V = 0;
+  int64_t C = 64, W = 0, S = 0;
+
+  // Strides in elements over (batch, time, head); the last dim has stride 1.
+  int64_t q_sb = 0, q_st = 0, q_sh = 0;
+  int64_t k_sb = 0, k_st = 0, k_sh = 0;
+  int64_t v_sb = 0, v_st = 0, v_sh = 0;
+  int64_t g_sb = 0, g_st = 0, g_sh = 0;
+  int64_t beta_sb = 0, beta_st = 0, beta_sh = 0;
+
+  float scale = 1.f;
+  bool l2norm = false;
+  DType dtype = DType::f32;  // of q, k, v and o
+};
+
 // CPU: OpenMP over sequences x state heads, `num_threads` threads.
 void launch_fused_recurrent_fwd_cpu(const FusedRecurrentParams& p, int num_threads);
 // CUDA: one block per (sequence, state head, V tile); `stream` is a cudaStream_t.
 void launch_fused_recurrent_fwd_cuda(const FusedRecurrentParams& p, void* stream);
+// CPU: OpenMP over sequences x state heads (each task runs its chunks in order, so
+// results do not depend on `num_threads`); fp32 math for every dtype.
+void launch_chunk_fwd_cpu(const ChunkParams& p, int num_threads);
 
 }  // namespace ahn

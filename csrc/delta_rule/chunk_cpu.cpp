@@ -1,0 +1,337 @@
+// Delta rule / gated delta rule, chunked (WY / UT) forward on CPU (fp32 state and math).
+//
+// Per chunk of c <= C tokens with state S_0 [K, V], G the in-chunk inclusive prefix
+// sum of g and Γ_ij = exp(G_i - G_j) (i >= j), the token loop unrolls to
+//   (I + A) Δ = diag(β) (V - diag(exp G) K S_0),   A = strict_lower(diag(β) (K Kᵀ ⊙ Γ))
+//   O   = scale · (diag(exp G) Q S_0 + lower(Q Kᵀ ⊙ Γ) Δ)
+//   S_c = exp(G_last) S_0 + (diag(exp(G_last - G)) K)ᵀ Δ
+// (Δ = U - W S_0 of the WY form, solved directly: one triangular solve on V columns
+// instead of two on K and V). Every exponent is of a difference <= 0, so strong decays
+// underflow to 0 and never form 0·inf.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include "common/dispatch.h"
+#include "delta_rule/delta_rule.h"
+
+namespace ahn {
+namespace {
+
+constexpr float kNormEps = 1e-6f;  // inside the sqrt: x / sqrt(sum x^2 + eps), as fla
+constexpr int64_t kPad = 16;       // V and chunk columns are padded to the widest vector (16 fp32)
+
+#define AHN_INLINE inline __attribute__((always_inline))
+
+// The register tile of each ISA build: MR rows x NV vectors of L fp32 lanes, sized so
+// that every accumulator stays in a register (AVX-512: 16 of 32 zmm; AVX2: 8 of 16 ymm;
+// SSE2 and others: 8 xmm / q). Vectors are GCC/Clang vector extensions whose width
+// matches the ISA: 16-lane vectors compiled for AVX2 went through the stack (315 ms
+// against 85 ms for 8-lane ones, one thread, T = 4096, H = 8, K = V = 128), and plain
+// arrays were kept in memory by GCC across the inner loop. AVX-512 8 x 32 against 4 x 32:
+// 58.7 -> 55.7 ms.
+template <int L_, int MR_, int NV_>
+struct Isa {
+  static constexpr int L = L_, MR = MR_, NV = NV_;
+  typedef float vec __attribute__((vector_size(L_ * sizeof(float))));
+};
+using Avx512 = Isa<16, 8, 2>;
+using Avx2 = Isa<8, 4, 2>;
+using Baseline = Isa<4, 4, 2>;
+
+// (-Wpsabi warns that passing wide vectors by value differs between ISAs; these helpers
+// are always inlined, so no call crosses that ABI.)
+#pragma GCC diagnostic ignored "-Wpsabi"
+template <class V>
+AHN_INLINE V load(const float* p) {
+  V x;
+  __builtin_memcpy(&x, p, sizeof x);
+  return x;
+}
+
+template <class V>
+AHN_INLINE void store(float* p, V x) {
+  __builtin_memcpy(p, &x, sizeof x);
+}
+
+AHN_INLINE int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// C[MR, L·NV] = beta·C + A[MR, kd] · B[kd, L·NV], all row-major fp32; beta = 0 ignores C.
+// TA: A is given transposed, as row-major [kd, MR] with row stride lda.
+template <class I, int MR, int NV, bool TA>
+AHN_INLINE void tile(int64_t kd, const float* __restrict A, int64_t lda, const float* __restrict B, int64_t ldb,
+                     float* __restrict C, int64_t ldc, float beta) {
+  using V = typename I::vec;
+  constexpr int L = I::L;
+  V acc[MR][NV];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) acc[r][j] = beta == 0.f ? V{} : beta * load<V>(C + r * ldc + j * L);
+  for (int64_t p = 0; p < kd; ++p) {
+    V b[NV];
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) b[j] = load<V>(B + p * ldb + j * L);
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      const float a = TA ? A[p * lda + r] : A[r * lda + p];
+#pragma GCC unroll 4
+      for (int j = 0; j < NV; ++j) acc[r][j] += a * b[j];
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) store<V>(C + r * ldc + j * L, acc[r][j]);
+}
+
+// Which triangle of a product is known to vanish or is not wanted.
+enum class Tri {
+  full,     // dense
+  lower_a,  // row i of A is zero past column i: a row tile stops its inner loop at its last row
+  lower_c,  // only C's lower triangle (column <= row) is wanted: column blocks skip the rows above them
+};
+
+// C[M, N] = beta·C + A[M, kd] · B[kd, N] over rows [i0, M), N a multiple of L·NV.
+template <class I, int NV, bool TA>
+AHN_INLINE void gemm_cols(int64_t i0, int64_t M, int64_t kd, const float* A, int64_t lda, const float* B,
+                          int64_t ldb, float* C, int64_t ldc, float beta, bool lower_a) {
+  constexpr int MR = I::MR;
+  auto a = [&](int64_t i) { return TA ? A + i : A + i * lda; };
+  int64_t i = i0;
+  for (; i + MR <= M; i += MR)
+    tile<I, MR, NV, TA>(lower_a ? std::min(kd, i + MR) : kd, a(i), lda, B, ldb, C + i * ldc, ldc, beta);
+  for (; i < M; ++i)
+    tile<I, 1, NV, TA>(lower_a ? std::min(kd, i + 1) : kd, a(i), lda, B, ldb, C + i * ldc, ldc, beta);
+}
+
+// C[M, N] = beta·C + A[M, kd] · B[kd, N], N a multiple of 16; TA: A is given transposed
+// ([kd, M], row stride lda).
+template <class I, bool TA = false>
+AHN_INLINE void gemm(int64_t M, int64_t N, int64_t kd, const float* A, int64_t lda, const float* B, int64_t ldb,
+                     float* C, int64_t ldc, float beta, Tri tri = Tri::full) {
+  constexpr int W = I::L * I::NV;
+  const bool lower_a = tri == Tri::lower_a;
+  auto first_row = [&](int64_t j) { return tri == Tri::lower_c ? std::min(j, M) : int64_t(0); };
+  int64_t j = 0;
+  for (; j + W <= N; j += W) gemm_cols<I, I::NV, TA>(first_row(j), M, kd, A, lda, B + j, ldb, C + j, ldc, beta, lower_a);
+  for (; j < N; j += I::L) gemm_cols<I, 1, TA>(first_row(j), M, kd, A, lda, B + j, ldb, C + j, ldc, beta, lower_a);
+}
+
+// Per-task fp32 scratch (zero-initialised; padding columns stay 0 throughout).
+struct Scratch {
+  int64_t K, VP, C;
+  std::vector<float> buf;
+  float *S, *X, *kT, *KQ, *P, *D, *Akk, *Aqk, *O, *beta, *g, *G, *eG;
+
+  Scratch(int64_t K_, int64_t V, int64_t C_) : K(K_), VP(round_up(V, kPad)), C(C_) {
+    const int64_t sizes[] = {
+        K * VP,      // S   [K, VP]     the state
+        2 * C * K,   // X   [2c, K]     the chunk's k rows, then its q rows
+        K * C,       // kT  [K, C]      kᵀ
+        2 * C * C,   // KQ  [2c, C]     K Kᵀ rows, then Q Kᵀ rows
+        2 * C * VP,  // P   [2c, VP]    K S_0 rows, then Q S_0 rows
+        C * VP,      // D   [C, VP]     v, then the right-hand side, then Δ, then decayed Δ
+        C * C,       // Akk [C, C]      -A (negated: the solve accumulates with +)
+        C * C,       // Aqk [C, C]      lower(Q Kᵀ ⊙ Γ), zero above the diagonal
+        C * VP,      // O   [C, VP]     unscaled output rows
+        C, C, C, C,  // beta, g, G, exp(G)
+    };
+    int64_t total = 0;
+    for (int64_t s : sizes) total += s;
+    buf.assign(total, 0.f);
+    float* ptr = buf.data();
+    float** fields[] = {&S, &X, &kT, &KQ, &P, &D, &Akk, &Aqk, &O, &beta, &g, &G, &eG};
+    for (int f = 0; f < 13; ++f) {
+      *fields[f] = ptr;
+      ptr += sizes[f];
+    }
+  }
+};
+
+AHN_INLINE void l2_normalize(float* x, int64_t n) {
+  float part[16] = {};  // interleaved partial sums: one running sum is a serial chain of adds
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    for (int64_t j = 0; j < 16; ++j) part[j] += x[i + j] * x[i + j];
+  for (; i < n; ++i) part[0] += x[i] * x[i];
+  float ss = 0.f;
+  for (float s : part) ss += s;
+  const float r = 1.f / std::sqrt(ss + kNormEps);
+  for (i = 0; i < n; ++i) x[i] *= r;
+}
+
+// One chunk of c tokens: X, D (v rows), beta and g are loaded; computes O (unscaled)
+// and advances S.
+template <class I>
+AHN_INLINE void chunk_step(Scratch& s, int64_t c, bool l2norm) {
+  const int64_t K = s.K, VP = s.VP, C = s.C, CP = round_up(c, kPad);
+  float* const X = s.X;
+  if (l2norm)
+    for (int64_t i = 0; i < 2 * c; ++i) l2_normalize(X + i * K, K);
+  for (int64_t i = 0; i < c; ++i)
+    for (int64_t d = 0; d < K; ++d) s.kT[d * C + i] = X[i * K + d];
+  float acc = 0.f;
+  for (int64_t i = 0; i < c; ++i) {
+    acc += s.g[i];
+    s.G[i] = acc;
+    s.eG[i] = std::exp(acc);
+  }
+
+  gemm<I>(c, CP, K, X, K, s.kT, C, s.KQ, C, 0.f, Tri::lower_c);                  // K Kᵀ
+  gemm<I>(c, CP, K, X + c * K, K, s.kT, C, s.KQ + c * C, C, 0.f, Tri::lower_c);  // Q Kᵀ
+  gemm<I>(2 * c, VP, K, X, K, s.S, VP, s.P, VP, 0.f);                             // [K; Q] S_0
+
+  for (int64_t i = 0; i < c; ++i) {
+    const float* kk = s.KQ + i * C;
+    const float* qk = s.KQ + (c + i) * C;
+    for (int64_t j = 0; j < i; ++j) {
+      const float decay = std::exp(s.G[i] - s.G[j]);
+      s.Akk[i * C + j] = -s.beta[i] * kk[j] * decay;
+      s.Aqk[i * C + j] = qk[j] * decay;
+    }
+    s.Aqk[i * C + i] = qk[i];
+    for (int64_t j = i + 1; j < CP; ++j) s.Aqk[i * C + j] = 0.f;
+    float* d = s.D + i * VP;
+    const float* pk = s.P + i * VP;
+    for (int64_t j = 0; j < VP; ++j) d[j] = s.beta[i] * (d[j] - s.eG[i] * pk[j]);
+  }
+
+  // Forward substitution (I + A) Δ = rhs in blocks of 16 rows: the rows above a block
+  // enter through one product, the block itself row by row.
+  for (int64_t r0 = 0; r0 < c; r0 += kPad) {
+    const int64_t nb = std::min(kPad, c - r0);
+    if (r0) gemm<I>(nb, VP, r0, s.Akk + r0 * C, C, s.D, VP, s.D + r0 * VP, VP, 1.f);
+    for (int64_t i = r0 + 1; i < r0 + nb; ++i) {
+      float* __restrict di = s.D + i * VP;
+      for (int64_t j = r0; j < i; ++j) {
+        const float a = s.Akk[i * C + j];
+        const float* __restrict dj = s.D + j * VP;
+        for (int64_t col = 0; col < VP; ++col) di[col] += a * dj[col];
+      }
+    }
+  }
+
+  for (int64_t i = 0; i < c; ++i)
+    for (int64_t j = 0; j < VP; ++j) s.O[i * VP + j] = s.eG[i] * s.P[(c + i) * VP + j];
+  gemm<I>(c, VP, c, s.Aqk, C, s.D, VP, s.O, VP, 1.f, Tri::lower_a);
+
+  // S_c = exp(G_last) S_0 + Kᵀ (diag(exp(G_last - G)) Δ): Δ is scaled in place (O has
+  // read it), and K enters transposed straight from X.
+  const float G_last = s.G[c - 1];
+  for (int64_t i = 0; i < c; ++i) {
+    const float e = std::exp(G_last - s.G[i]);
+    for (int64_t j = 0; j < VP; ++j) s.D[i * VP + j] *= e;
+  }
+  gemm<I, /*TA=*/true>(K, VP, c, X, K, s.D, VP, s.S, VP, std::exp(G_last));
+}
+
+// One x86-64 binary serves every CPU: the chunk step is built for AVX-512, AVX2+FMA and
+// the baseline, each with its own tile, and picked once at run time.
+using StepFn = void (*)(Scratch&, int64_t, bool);
+#if defined(__GNUC__) && defined(__x86_64__)
+__attribute__((target("arch=x86-64-v4"))) void chunk_step_avx512(Scratch& s, int64_t c, bool l2norm) {
+  chunk_step<Avx512>(s, c, l2norm);
+}
+__attribute__((target("arch=x86-64-v3"))) void chunk_step_avx2(Scratch& s, int64_t c, bool l2norm) {
+  chunk_step<Avx2>(s, c, l2norm);
+}
+#endif
+void chunk_step_baseline(Scratch& s, int64_t c, bool l2norm) { chunk_step<Baseline>(s, c, l2norm); }
+
+StepFn pick_chunk_step() {
+#if defined(__GNUC__) && defined(__x86_64__)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl"))
+    return chunk_step_avx512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("bmi2"))
+    return chunk_step_avx2;
+#endif
+  return chunk_step_baseline;
+}
+
+// Rows of one head sit H·K elements apart (4 KiB at H = 8, K = 128), beyond the hardware
+// prefetcher's reach, so every row load missed. Fetching the next chunk's rows while this
+// one computes: 54.9 -> 51.5 ms (median of 6, one thread, T = 4096, H = 8, K = V = 128).
+void prefetch(const void* p, int64_t bytes) {
+  for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(static_cast<const char*>(p) + b);
+}
+
+// One task: sequence n, state head h.
+template <class T>
+void run_head(const ChunkParams& p, int64_t n, int64_t h, StepFn chunk_step) {
+  const int64_t K = p.K, V = p.V, C = p.C;
+  const int64_t b = p.cu_seqlens ? 0 : n;
+  const int64_t bos = p.cu_seqlens ? p.cu_seqlens[n] : 0;
+  const int64_t eos = p.cu_seqlens ? p.cu_seqlens[n + 1] : p.T;
+  const int64_t steps = std::max<int64_t>(0, eos - bos - p.W - p.S);  // rows the memory absorbs
+  // Element offsets of token 0 of this sequence and head; pointers are formed only at
+  // an access, since with no tokens (T = 0) the tensors may be empty and null.
+  const int64_t q0 = b * p.q_sb + h / (p.HS / p.HQ) * p.q_sh;
+  const int64_t k0 = b * p.k_sb + h / (p.HS / p.HK) * p.k_sh;
+  const int64_t v0 = b * p.v_sb + h / (p.HS / p.HV) * p.v_sh;
+  const int64_t g0 = b * p.g_sb + h * p.g_sh, beta0 = b * p.beta_sb + h * p.beta_sh;
+  const int64_t o0 = (b * p.T * p.HS + h) * V;
+  const int64_t o_st = p.HS * V;
+  const int64_t state = (n * p.HS + h) * K * V;  // this head's [K, V] in h0 / ht
+
+  // Rows whose memory is empty (t - W < S) are 0.
+  for (int64_t t = bos; t < std::min(eos, bos + p.S + p.W); ++t)
+    for (int64_t j = 0; j < V; ++j) static_cast<T*>(p.o)[o0 + t * o_st + j] = from_f32<T>(0.f);
+
+  Scratch s(K, V, C);
+  const int64_t VP = s.VP;
+  if (p.h0)
+    for (int64_t i = 0; i < K; ++i)
+      for (int64_t j = 0; j < V; ++j) s.S[i * VP + j] = p.h0[state + i * V + j];
+
+  for (int64_t i0 = 0; i0 < steps; i0 += C) {
+    const int64_t c = std::min(C, steps - i0);
+    const int64_t kv = bos + p.S + i0, qo = kv + p.W;  // first absorbed row, first read / output row
+    for (int64_t i = 0; i < c; ++i) {
+      const T* kr = static_cast<const T*>(p.k) + k0 + (kv + i) * p.k_st;
+      const T* qr = static_cast<const T*>(p.q) + q0 + (qo + i) * p.q_st;
+      const T* vr = static_cast<const T*>(p.v) + v0 + (kv + i) * p.v_st;
+      for (int64_t d = 0; d < K; ++d) s.X[i * K + d] = to_f32(kr[d]);
+      for (int64_t d = 0; d < K; ++d) s.X[(c + i) * K + d] = to_f32(qr[d]);
+      for (int64_t j = 0; j < V; ++j) s.D[i * VP + j] = to_f32(vr[j]);
+      s.beta[i] = p.beta[beta0 + (kv + i) * p.beta_st];
+      s.g[i] = p.g ? p.g[g0 + (kv + i) * p.g_st] : 0.f;
+    }
+    // The next chunk's rows arrive while this one computes.
+    for (int64_t i = c; i < std::min(2 * C, steps - i0); ++i) {
+      prefetch(static_cast<const T*>(p.k) + k0 + (kv + i) * p.k_st, K * sizeof(T));
+      prefetch(static_cast<const T*>(p.q) + q0 + (qo + i) * p.q_st, K * sizeof(T));
+      prefetch(static_cast<const T*>(p.v) + v0 + (kv + i) * p.v_st, V * sizeof(T));
+    }
+    chunk_step(s, c, p.l2norm);
+    for (int64_t i = 0; i < c; ++i) {
+      T* out = static_cast<T*>(p.o) + o0 + (qo + i) * o_st;
+      for (int64_t j = 0; j < V; ++j) out[j] = from_f32<T>(p.scale * s.O[i * VP + j]);  // the one downcast
+    }
+  }
+
+  if (p.ht)
+    for (int64_t i = 0; i < K; ++i)
+      for (int64_t j = 0; j < V; ++j) p.ht[state + i * V + j] = s.S[i * VP + j];
+}
+
+template <class T>
+void run(const ChunkParams& p, int num_threads) {
+  const int64_t N = p.N, HS = p.HS;
+  static const StepFn step = pick_chunk_step();
+  // Dynamic: under varlen, sequences of very different lengths must not pile onto one thread.
+#pragma omp parallel for collapse(2) schedule(dynamic) num_threads(num_threads)
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t h = 0; h < HS; ++h) run_head<T>(p, n, h, step);
+}
+
+}  // namespace
+
+void launch_chunk_fwd_cpu(const ChunkParams& p, int num_threads) {
+  dispatch_dtype(p.dtype, [&](auto tag) { run<decltype(tag)>(p, std::max(num_threads, 1)); });
+}
+
+}  // namespace ahn
