@@ -9,7 +9,9 @@ CPU peers: Hugging Face transformers' PyTorch fallbacks (Qwen3-Next's
 ``torch_recurrent_gated_delta_rule`` / ``torch_chunk_gated_delta_rule``,
 Mamba2's ``mamba2_chunk_scan`` / ``mamba2_selective_state_update``), called
 through ``inspect.unwrap`` so that no hub kernel replaces them, and
-``scaled_dot_product_attention`` with an explicit window mask.
+``scaled_dot_product_attention`` with an explicit window mask. GPU peers, where
+importable: flash-linear-attention, mamba_ssm and flash-attention; on a GPU
+they become the peer of their cases.
 """
 
 from __future__ import annotations
@@ -55,13 +57,29 @@ def time_fn(fn: Callable[[], object], *, warmup: int = 1, reps: int = 5) -> floa
     return statistics.median(times)
 
 
+def _import(module: str, name: str):
+    """``module.name`` if importable here, else None."""
+    try:
+        return getattr(__import__(module, fromlist=[name]), name)
+    except (ImportError, AttributeError):
+        return None
+
+
 def _transformers(module: str, name: str):
     """A transformers function with its hub-kernel decorators peeled off (None if not installed)."""
-    try:
-        mod = __import__(f"transformers.models.{module}.modeling_{module}", fromlist=[name])
-    except ImportError:
-        return None
-    return inspect.unwrap(getattr(mod, name))
+    fn = _import(f"transformers.models.{module}.modeling_{module}", name)
+    return None if fn is None else inspect.unwrap(fn)
+
+
+def _gpu_peer(device: str, module: str, name: str):
+    """A GPU library's op (flash-linear-attention, mamba_ssm, flash-attention) on CUDA, if importable."""
+    return _import(module, name) if device == "cuda" else None
+
+
+def _add(case: Case, name: str, fn, inputs, grad: bool) -> None:
+    """Register provider ``name`` running ``fn`` (forward, or forward + backward w.r.t. ``inputs``)."""
+    if fn is not None:
+        case.providers[name] = (lambda: _fwd_bwd(fn, inputs)) if grad else (lambda: fn)
 
 
 def _fwd_bwd(fn: Callable[[], tuple], inputs: list[torch.Tensor]) -> Callable[[], None]:
@@ -93,77 +111,77 @@ def _gdn_inputs(B, T, H, K, V, device, dtype, requires_grad):
 
 def fused_recurrent_cases(device="cpu", dtype=torch.float32, T=2048, H=8, K=128, V=128) -> list[Case]:
     q, k, v, g, beta = _gdn_inputs(1, T, H, K, V, device, dtype, False)
-    peer = _transformers("qwen3_next", "torch_recurrent_gated_delta_rule")
-    label = f"B1 T{T} H{H} K{K} V{V} {str(dtype)[6:]}"
-    cases = []
-    for gated in (True, False):
-        op = "fused_recurrent_gated_delta_rule" if gated else "fused_recurrent_delta_rule"
-        gate = g if gated else torch.zeros_like(g)
-        case = Case(op, label + " fwd", tokens=T, peer="transformers", flops=8.0 * T * H * K * V)
-        if gated:
-            case.providers["ahn"] = lambda: lambda: ak.fused_recurrent_gated_delta_rule(
-                q, k, v, g, beta, use_qk_l2norm_in_kernel=True, output_final_state=True)
-        else:
-            case.providers["ahn"] = lambda: lambda: ak.fused_recurrent_delta_rule(
-                q, k, v, beta, use_qk_l2norm_in_kernel=True, output_final_state=True)
-        if peer is not None:
-            case.providers["transformers"] = (lambda gate=gate: lambda: peer(
-                q, k, v, gate, beta, output_final_state=True, use_qk_l2norm_in_kernel=True))
-        cases.append(case)
-    return cases
+    hf = _transformers("qwen3_next", "torch_recurrent_gated_delta_rule")
+    label = f"B1 T{T} H{H} K{K} V{V} {str(dtype)[6:]} fwd"
+    kw = dict(use_qk_l2norm_in_kernel=True, output_final_state=True)
+    flops = 8.0 * T * H * K * V
+    gdn = Case("fused_recurrent_gated_delta_rule", label, tokens=T, peer="transformers", flops=flops)
+    _add(gdn, "ahn", lambda: ak.fused_recurrent_gated_delta_rule(q, k, v, g, beta, **kw), [], False)
+    _add(gdn, "transformers", hf and (lambda: hf(q, k, v, g, beta, **kw)), [], False)
+    fla = _gpu_peer(device, "fla.ops.gated_delta_rule", "fused_recurrent_gated_delta_rule")
+    _add(gdn, "fla", fla and (lambda: fla(q, k, v, g, beta, **kw)), [], False)
+    dn = Case("fused_recurrent_delta_rule", label, tokens=T, peer="transformers", flops=flops)
+    no_decay = torch.zeros_like(g)  # transformers has only the gated rule: DeltaNet is g = 0
+    _add(dn, "ahn", lambda: ak.fused_recurrent_delta_rule(q, k, v, beta, **kw), [], False)
+    _add(dn, "transformers", hf and (lambda: hf(q, k, v, no_decay, beta, **kw)), [], False)
+    fla = _gpu_peer(device, "fla.ops.delta_rule", "fused_recurrent_delta_rule")
+    _add(dn, "fla", fla and (lambda: fla(q, k, v, beta, **kw)), [], False)
+    for case in (gdn, dn):
+        if "fla" in case.providers:
+            case.peer = "fla"
+    return [gdn, dn]
+
+
+def _chunk_gated_delta_rule_case(device, dtype, T, H, K, V, mode) -> Case:
+    grad = mode == "fwd+bwd"
+    inputs = _gdn_inputs(1, T, H, K, V, device, dtype, grad)
+    q, k, v, g, beta = inputs
+    C = 64
+    flops = 2.0 * T * H * (3 * K * V + 3 * C * K + 2 * C * V)
+    case = Case("chunk_gated_delta_rule", f"B1 T{T} H{H} K{K} V{V} {str(dtype)[6:]} {mode}", tokens=T,
+                peer="transformers", flops=None if grad else flops)
+    kw = dict(use_qk_l2norm_in_kernel=True, output_final_state=True)
+    hf = _transformers("qwen3_next", "torch_chunk_gated_delta_rule")
+    fla = _gpu_peer(device, "fla.ops.gated_delta_rule", "chunk_gated_delta_rule")
+    _add(case, "ahn", lambda: ak.chunk_gated_delta_rule(q, k, v, g, beta, **kw), list(inputs), grad)
+    _add(case, "transformers", hf and (lambda: hf(q, k, v, g, beta, chunk_size=C, **kw)), list(inputs), grad)
+    _add(case, "fla", fla and (lambda: fla(q, k, v, g, beta, **kw)), list(inputs), grad)
+    if fla is not None:
+        case.peer = "fla"
+    return case
 
 
 def chunk_gated_delta_rule_cases(device="cpu", dtype=torch.float32, T=4096, H=8, K=128, V=128) -> list[Case]:
-    peer = _transformers("qwen3_next", "torch_chunk_gated_delta_rule")
-    label = f"B1 T{T} H{H} K{K} V{V} {str(dtype)[6:]}"
-    C = 64
-    flops = 2.0 * T * H * (3 * K * V + 3 * C * K + 2 * C * V)
-    cases = []
-    for mode in ("fwd", "fwd+bwd"):
-        grad = mode != "fwd"
-        inputs = _gdn_inputs(1, T, H, K, V, device, dtype, grad)
-        q, k, v, g, beta = inputs
-        case = Case("chunk_gated_delta_rule", f"{label} {mode}", tokens=T, peer="transformers",
-                    flops=flops if not grad else None)
-        ours = lambda: ak.chunk_gated_delta_rule(q, k, v, g, beta, use_qk_l2norm_in_kernel=True,
-                                                 output_final_state=True)
-        theirs = (lambda: peer(q, k, v, g, beta, chunk_size=C, output_final_state=True,
-                               use_qk_l2norm_in_kernel=True)) if peer is not None else None
-        for name, fn in (("ahn", ours), ("transformers", theirs)):
-            if fn is None:
-                continue
-            case.providers[name] = (lambda fn=fn: _fwd_bwd(fn, list(inputs))) if grad else (lambda fn=fn: fn)
-        cases.append(case)
-    return cases
+    return [_chunk_gated_delta_rule_case(device, dtype, T, H, K, V, mode) for mode in ("fwd", "fwd+bwd")]
 
 
 # ----------------------------------------------------------------------------
 # SSD
 # ----------------------------------------------------------------------------
+def _ssd_case(device, dtype, T, H, P, N, G, mode) -> Case:
+    grad = mode == "fwd+bwd"
+    x = _rand(1, T, H, P, device=device, dtype=dtype, requires_grad=grad)
+    dt = _rand(1, T, H, device=device, dtype=torch.float32, requires_grad=grad)
+    A = (-torch.rand(H, device=device) - 0.5).requires_grad_(grad)
+    Bm = _rand(1, T, G, N, device=device, dtype=dtype, requires_grad=grad)
+    Cm = _rand(1, T, G, N, device=device, dtype=dtype, requires_grad=grad)
+    dt_bias = torch.randn(H, device=device).requires_grad_(grad)
+    inputs = [x, dt, A, Bm, Cm, dt_bias]
+    case = Case("ssd_chunk_scan", f"B1 T{T} H{H} P{P} N{N} G{G} {str(dtype)[6:]} {mode}", tokens=T,
+                peer="transformers")
+    kw = dict(dt_bias=dt_bias, dt_softplus=True, return_final_states=True)
+    hf = _transformers("mamba2", "mamba2_chunk_scan")
+    mamba = _gpu_peer(device, "mamba_ssm.ops.triton.ssd_combined", "mamba_chunk_scan_combined")
+    _add(case, "ahn", lambda: ak.ssd_chunk_scan(x, dt, A, Bm, Cm, chunk_size=256, **kw), inputs, grad)
+    _add(case, "transformers", hf and (lambda: hf(x, dt, A, Bm, Cm, 256, **kw)), inputs, grad)
+    _add(case, "mamba_ssm", mamba and (lambda: mamba(x, dt, A, Bm, Cm, 256, **kw)), inputs, grad)
+    if mamba is not None:
+        case.peer = "mamba_ssm"
+    return case
+
+
 def ssd_cases(device="cpu", dtype=torch.float32, T=4096, H=8, P=64, N=128, G=1) -> list[Case]:
-    peer = _transformers("mamba2", "mamba2_chunk_scan")
-    label = f"B1 T{T} H{H} P{P} N{N} G{G} {str(dtype)[6:]}"
-    cases = []
-    for mode in ("fwd", "fwd+bwd"):
-        grad = mode != "fwd"
-        x = _rand(1, T, H, P, device=device, dtype=dtype, requires_grad=grad)
-        dt = _rand(1, T, H, device=device, dtype=torch.float32, requires_grad=grad)
-        A = (-torch.rand(H, device=device) - 0.5).requires_grad_(grad)
-        Bm = _rand(1, T, G, N, device=device, dtype=dtype, requires_grad=grad)
-        Cm = _rand(1, T, G, N, device=device, dtype=dtype, requires_grad=grad)
-        dt_bias = torch.randn(H, device=device).requires_grad_(grad)
-        inputs = [x, dt, A, Bm, Cm, dt_bias]
-        case = Case("ssd_chunk_scan", f"{label} {mode}", tokens=T, peer="transformers")
-        ours = lambda: ak.ssd_chunk_scan(x, dt, A, Bm, Cm, chunk_size=256, dt_bias=dt_bias, dt_softplus=True,
-                                         return_final_states=True)
-        theirs = (lambda: peer(x, dt, A, Bm, Cm, 256, dt_bias=dt_bias, dt_softplus=True,
-                               return_final_states=True)) if peer is not None else None
-        for name, fn in (("ahn", ours), ("transformers", theirs)):
-            if fn is None:
-                continue
-            case.providers[name] = (lambda fn=fn: _fwd_bwd(fn, inputs)) if grad else (lambda fn=fn: fn)
-        cases.append(case)
-    return cases
+    return [_ssd_case(device, dtype, T, H, P, N, G, mode) for mode in ("fwd", "fwd+bwd")]
 
 
 def ssd_state_update_cases(device="cpu", dtype=torch.float32, batch=16, H=8, P=64, N=128, G=1) -> list[Case]:
@@ -177,12 +195,16 @@ def ssd_state_update_cases(device="cpu", dtype=torch.float32, batch=16, H=8, P=6
     dt_bias = torch.randn(H, device=device)
     case = Case("ssd_state_update", f"B{batch} H{H} P{P} N{N} G{G} {str(dtype)[6:]}", tokens=batch,
                 peer="transformers")
-    case.providers["ahn"] = lambda: lambda: ak.ssd_state_update(state, x, dt, A, Bm, Cm, dt_bias=dt_bias,
-                                                                dt_softplus=True)
-    if peer is not None:  # it wants dt [B, H, P], A [H, P, N], dt_bias [H, P]: stride-0 views, as mamba's callers pass
-        dt_x, A_x, bias_x = dt[..., None].expand(-1, -1, P), A[:, None, None].expand(-1, P, N), dt_bias[:, None].expand(-1, P)
-        case.providers["transformers"] = lambda: lambda: peer(state, x, dt_x, A_x, Bm, Cm, dt_bias=bias_x,
-                                                              dt_softplus=True)
+    _add(case, "ahn", lambda: ak.ssd_state_update(state, x, dt, A, Bm, Cm, dt_bias=dt_bias, dt_softplus=True),
+         [], False)
+    # Both peers want dt [B, H, P], A [H, P, N], dt_bias [H, P]: stride-0 views, as mamba's own callers pass.
+    dt_x, A_x, bias_x = dt[..., None].expand(-1, -1, P), A[:, None, None].expand(-1, P, N), dt_bias[:, None].expand(-1, P)
+    mamba = _gpu_peer(device, "mamba_ssm.ops.triton.selective_state_update", "selective_state_update")
+    for name, fn in (("transformers", peer), ("mamba_ssm", mamba)):
+        _add(case, name, fn and (lambda fn=fn: fn(state, x, dt_x, A_x, Bm, Cm, dt_bias=bias_x, dt_softplus=True)),
+             [], False)
+    if mamba is not None:
+        case.peer = "mamba_ssm"
     return [case]
 
 
@@ -196,30 +218,41 @@ def window_mask(T: int, window_size: int, num_sinks: int, device) -> torch.Tenso
     return (j <= i) & ((i - j < window_size) | (j < num_sinks))
 
 
-def swa_cases(device="cpu", dtype=torch.float32, T=4096, HQ=16, HK=2, D=128, W=512, S=64) -> list[Case]:
-    label = f"B1 T{T} HQ{HQ} HK{HK} D{D} W{W} S{S} {str(dtype)[6:]}"
+def _swa_case(device, dtype, T, HQ, HK, D, W, S, mode) -> Case:
+    grad = mode == "fwd+bwd"
+    q = _rand(1, T, HQ, D, device=device, dtype=dtype, requires_grad=grad)
+    k = _rand(1, T, HK, D, device=device, dtype=dtype, requires_grad=grad)
+    v = _rand(1, T, HK, D, device=device, dtype=dtype, requires_grad=grad)
     mask = window_mask(T, W, S, device)
-    cases = []
-    for mode in ("fwd", "fwd+bwd"):
-        grad = mode != "fwd"
-        q = _rand(1, T, HQ, D, device=device, dtype=dtype, requires_grad=grad)
-        k = _rand(1, T, HK, D, device=device, dtype=dtype, requires_grad=grad)
-        v = _rand(1, T, HK, D, device=device, dtype=dtype, requires_grad=grad)
-        case = Case("swa_attention", f"{label} {mode}", tokens=T, peer="sdpa_mask")
-        ours = lambda: ak.swa_attention(q, k, v, W, S)
-        theirs = lambda: F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, enable_gqa=True)
-        for name, fn in (("ahn", ours), ("sdpa_mask", theirs)):
-            case.providers[name] = (lambda fn=fn: _fwd_bwd(fn, [q, k, v])) if grad else (lambda fn=fn: fn)
-        cases.append(case)
-    return cases
+    case = Case("swa_attention", f"B1 T{T} HQ{HQ} HK{HK} D{D} W{W} S{S} {str(dtype)[6:]} {mode}", tokens=T,
+                peer="sdpa_mask")
+    _add(case, "ahn", lambda: ak.swa_attention(q, k, v, W, S), [q, k, v], grad)
+    _add(case, "sdpa_mask", lambda: F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, enable_gqa=True), [q, k, v], grad)
+    # flash-attention has no sink tokens: it runs the same window without them (the cost a user would see).
+    fa = _gpu_peer(device, "flash_attn", "flash_attn_func")
+    _add(case, "flash_attn", fa and (lambda: fa(q, k, v, causal=True, window_size=(W - 1, 0))), [q, k, v], grad)
+    if fa is not None:
+        case.peer = "flash_attn"
+    return case
+
+
+def swa_cases(device="cpu", dtype=torch.float32, T=4096, HQ=16, HK=2, D=128, W=512, S=64) -> list[Case]:
+    return [_swa_case(device, dtype, T, HQ, HK, D, W, S, mode) for mode in ("fwd", "fwd+bwd")]
+
+
+def device_and_dtype(device: str | None = None) -> tuple[str, torch.dtype]:
+    """Where benchmarks run (the GPU when present) and in which dtype (bf16 there: the GPU peers' dtype)."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return device, (torch.bfloat16 if device == "cuda" else torch.float32)
 
 
 def default_cases(device="cpu", quick: bool = False) -> list[Case]:
     """The table ``python -m ahn_kernels bench`` prints (``quick``: smaller T, for smoke runs)."""
     s = 4 if quick else 1
-    return (fused_recurrent_cases(device, T=2048 // s)
-            + chunk_gated_delta_rule_cases(device, T=4096 // s)
-            + ssd_cases(device, T=4096 // s)
-            + ssd_state_update_cases(device)
-            + swa_cases(device, T=4096 // s))
+    device, dtype = device_and_dtype(device)
+    return (fused_recurrent_cases(device, dtype, T=2048 // s)
+            + chunk_gated_delta_rule_cases(device, dtype, T=4096 // s)
+            + ssd_cases(device, dtype, T=4096 // s)
+            + ssd_state_update_cases(device, dtype)
+            + swa_cases(device, dtype, T=4096 // s))

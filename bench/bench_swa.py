@@ -4,10 +4,11 @@ import pytest
 
 from ahn_kernels import benchmarks
 
-CASES = benchmarks.swa_cases()
+ON = benchmarks.device_and_dtype()  # (device, dtype)
+CASES = benchmarks.swa_cases(*ON)
 
 
-@pytest.mark.parametrize("provider", ["ahn", "sdpa_mask"])
+@pytest.mark.parametrize("provider", ["ahn", "sdpa_mask", "flash_attn"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 def test_swa(run_case, case, provider):
     run_case(case, provider)
