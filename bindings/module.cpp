@@ -9,20 +9,14 @@
 #include <utility>
 #include <vector>
 
+#include "pointer_field.h"
 #include "common/check.h"
 #include "delta_rule/delta_rule.h"
 
 namespace py = pybind11;
+using ahn::pointer_field;
 
 namespace {
-
-// Exposes a pointer field as a Python int property.
-template <class Class, class Ptr>
-void pointer_field(py::class_<Class>& c, const char* name, Ptr Class::*field) {
-  c.def_property(
-      name, [field](const Class& self) { return reinterpret_cast<std::uintptr_t>(self.*field); },
-      [field](Class& self, std::uintptr_t addr) { self.*field = reinterpret_cast<Ptr>(addr); });
-}
 
 // The struct comes from Python field by field: guard what would make a kernel read
 // out of bounds or divide by zero before any launcher runs.
