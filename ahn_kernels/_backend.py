@@ -38,14 +38,16 @@ BACKENDS = ("cpu", "cuda", "triton", "reference")
 # The reference is always there and always last.
 KERNELS: dict[str, dict[str, tuple[str, ...]]] = {
     "chunk_delta_rule": {"cpu": ("cpu",), "cuda": ()},
-    "chunk_delta_rule_bwd": {"cpu": (), "cuda": ()},
+    "chunk_delta_rule_bwd": {"cpu": ("cpu",), "cuda": ()},
     "chunk_gated_delta_rule": {"cpu": ("cpu",), "cuda": ()},
-    "chunk_gated_delta_rule_bwd": {"cpu": (), "cuda": ()},
+    "chunk_gated_delta_rule_bwd": {"cpu": ("cpu",), "cuda": ()},
     "fused_recurrent_delta_rule": {"cpu": ("cpu",), "cuda": ("cuda", "triton")},
     "fused_recurrent_gated_delta_rule": {"cpu": ("cpu",), "cuda": ("cuda", "triton")},
-    "ssd_chunk_scan": {"cpu": (), "cuda": ()},
-    "ssd_state_update": {"cpu": (), "cuda": ()},
-    "swa_attention": {"cpu": (), "cuda": ()},
+    "ssd_chunk_scan": {"cpu": ("cpu",), "cuda": ()},
+    "ssd_chunk_scan_bwd": {"cpu": (), "cuda": ()},
+    "ssd_state_update": {"cpu": ("cpu",), "cuda": ()},
+    "swa_attention": {"cpu": ("cpu",), "cuda": ()},
+    "swa_attention_bwd": {"cpu": (), "cuda": ()},
     "swa_decode": {"cpu": (), "cuda": ()},
     "ahn_evict_update": {"cpu": (), "cuda": ()},
 }

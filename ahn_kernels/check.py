@@ -167,8 +167,10 @@ def _cases():
         "fused_recurrent_delta_rule": _delta_case("fused_recurrent_delta_rule", False),
         "fused_recurrent_gated_delta_rule": _delta_case("fused_recurrent_gated_delta_rule", False),
         "ssd_chunk_scan": _ssd_case("ssd_chunk_scan"),
+        "ssd_chunk_scan_bwd": _ssd_case("ssd_chunk_scan"),
         "ssd_state_update": _ssd_case("ssd_state_update"),
         "swa_attention": _swa_case("swa_attention"),
+        "swa_attention_bwd": _swa_case("swa_attention"),
         "swa_decode": _swa_case("swa_decode"),
         "ahn_evict_update": _evict_case(),
     }

@@ -15,6 +15,8 @@
 
 namespace py = pybind11;
 using ahn::pointer_field;
+void bind_ssd(py::module_& m);  // bindings/ssd.cpp
+void bind_swa(py::module_& m);  // bindings/swa.cpp
 
 namespace {
 
@@ -39,6 +41,21 @@ void check(const ahn::ChunkParams& p) {
   AHN_CHECK(p.K >= 1 && p.K <= 256 && p.V >= 1 && p.V <= 256, "K and V must be in 1..256");
   AHN_CHECK(p.C == 16 || p.C == 32 || p.C == 64, "C must be 16, 32 or 64");
   AHN_CHECK(p.W >= 0 && p.S >= 0 && (p.W > 0 || p.S == 0), "W and S must be >= 0, and S = 0 without a window");
+}
+
+void check(const ahn::ChunkBwdParams& p) {
+  const ahn::ChunkParams& f = p.fwd;
+  AHN_CHECK(f.B >= 0 && f.T >= 0 && f.N >= 0, "B, T and N must be >= 0");
+  AHN_CHECK(f.B * f.T == 0 || (f.q && f.k && f.v && f.beta && p.grad_o && p.dq && p.dk && p.dv && p.dbeta),
+            "q, k, v, beta, grad_o, dq, dk, dv and dbeta must be set");
+  AHN_CHECK(f.B * f.T == 0 || !f.g || p.dg, "dg must be set with g");
+  AHN_CHECK(f.N * f.HS == 0 || (p.grad_ht && p.dh0), "grad_ht and dh0 must be set");
+  AHN_CHECK(f.cu_seqlens ? f.B == 1 : f.N == f.B, "N must equal B without cu_seqlens, and B must be 1 with it");
+  AHN_CHECK(f.HQ > 0 && f.HK > 0 && f.HV > 0 && f.HS > 0, "head counts must be > 0");
+  AHN_CHECK(f.HS % f.HQ == 0 && f.HS % f.HK == 0 && f.HS % f.HV == 0, "HQ, HK and HV must divide HS");
+  AHN_CHECK(f.K >= 1 && f.K <= 256 && f.V >= 1 && f.V <= 256, "K and V must be in 1..256");
+  AHN_CHECK(f.C == 16 || f.C == 32 || f.C == 64, "C must be 16, 32 or 64");
+  AHN_CHECK(f.W >= 0 && f.S >= 0 && (f.W > 0 || f.S == 0), "W and S must be >= 0, and S = 0 without a window");
 }
 
 py::dict build_info() {
@@ -76,6 +93,8 @@ py::dict build_info() {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "ahn_kernels compiled kernels (torch-free launchers on raw pointers)";
   m.def("build_info", &build_info, "What this build holds: backends, CUDA archs, compilers, flags.");
+  bind_ssd(m);
+  bind_swa(m);
 
   // ---- delta_rule -------------------------------------------------------------
   using P = ahn::FusedRecurrentParams;
@@ -157,6 +176,32 @@ PYBIND11_MODULE(_C, m) {
         check(p);
         py::gil_scoped_release release;
         ahn::launch_chunk_fwd_cpu(p, num_threads);
+      },
+      py::arg("p"), py::arg("num_threads"), "Run on host memory with `num_threads` OpenMP threads.");
+
+  using BP = ahn::ChunkBwdParams;
+  py::class_<BP> chunk_bwd(m, "ChunkBwdParams",
+                           "Arguments of the chunked delta rule backward: the forward's ChunkParams (`fwd`) "
+                           "plus upstream gradients and gradient outputs; see csrc/delta_rule/delta_rule.h.");
+  chunk_bwd.def(py::init<>());
+  chunk_bwd.def_readwrite("fwd", &BP::fwd);
+  pointer_field(chunk_bwd, "grad_o", &BP::grad_o);
+  pointer_field(chunk_bwd, "grad_ht", &BP::grad_ht);
+  pointer_field(chunk_bwd, "dq", &BP::dq);
+  pointer_field(chunk_bwd, "dk", &BP::dk);
+  pointer_field(chunk_bwd, "dv", &BP::dv);
+  pointer_field(chunk_bwd, "dbeta", &BP::dbeta);
+  pointer_field(chunk_bwd, "dg", &BP::dg);
+  pointer_field(chunk_bwd, "dh0", &BP::dh0);
+  chunk_bwd.def_readwrite("do_sb", &BP::do_sb);
+  chunk_bwd.def_readwrite("do_st", &BP::do_st);
+  chunk_bwd.def_readwrite("do_sh", &BP::do_sh);
+  m.def(
+      "launch_chunk_bwd_cpu",
+      [](const BP& p, int num_threads) {
+        check(p);
+        py::gil_scoped_release release;
+        ahn::launch_chunk_bwd_cpu(p, num_threads);
       },
       py::arg("p"), py::arg("num_threads"), "Run on host memory with `num_threads` OpenMP threads.");
 

@@ -317,7 +317,7 @@ def test_chunk_op_vs_reference(dtype, gated, B, lengths, T, heads, K, V, h0, l2n
 
 
 # ----------------------------------------------------------------------------
-# chunk: the compiled CPU forward vs the fp64 token loop (the backward runs the reference)
+# chunk: the compiled CPU forward vs the fp64 token loop
 # ----------------------------------------------------------------------------
 KERNEL_T = (1, 63, 64, 65, 300)
 KERNEL_HEADS = ((4, 2, 2), (1, 1, 4))  # AHN's grouped k/v; fla's grouped values with one q/k head
@@ -405,6 +405,100 @@ def test_chunk_kernel_red_zone_and_threads(dtype):
     o_ref, ht_ref = _oracle(x, use_qk_l2norm=True, lag=(3, 1))
     assert_close("o", results[0][0], o_ref, tolerance(dtype, "out"))
     assert_close("final_state", results[0][1], ht_ref, tolerance(dtype, "out"))
+
+
+# ----------------------------------------------------------------------------
+# chunk: the compiled CPU backward vs fp64 autograd through the token loop
+# ----------------------------------------------------------------------------
+def _chunk_kernel_grads(x, gated, up, **kw):
+    """Gradients of <o, up_o> + <ht, up_ht> through the public op, forward and backward on the CPU kernels."""
+    name = f"chunk_{'gated_' if gated else ''}delta_rule_bwd"
+    with ahn_kernels.use_backend("cpu"):
+        assert _backend.choose(name, "cpu") == "cpu"
+        return _grads(_chunk_kernel(x, gated, **kw), up, x)
+
+
+def _check_kernel_grads(x, gated, dtype, **kw):
+    """Kernel gradients (random upstream for o and the final state) vs the fp64 token loop's."""
+    x64 = _fp64(x, requires_grad=True)
+    o_ref, ht_ref = reference.recurrent(**x64, use_qk_l2norm=kw.get("use_qk_l2norm_in_kernel", False),
+                                        lag=kw.get("lag"))
+    up = (torch.randn_like(o_ref).to(dtype), torch.randn_like(ht_ref).float())  # what the op's backward receives
+    got = _chunk_kernel_grads(x, gated, up, **kw)
+    # With lag, short sequences absorb nothing: inputs the outputs do not depend on get zero gradients.
+    loss = sum((o.double() * u.double()).sum() for o, u in zip((o_ref, ht_ref), up))
+    leaves = [x64[n] for n in got]
+    want = dict(zip(got, torch.autograd.grad(loss, leaves, allow_unused=True, materialize_grads=True)
+                    if loss.requires_grad else [torch.zeros_like(t) for t in leaves]))
+    assert got.keys() == want.keys()
+    for name, ref in want.items():
+        assert got[name].dtype == x[name].dtype and got[name].shape == x[name].shape
+        assert_close(f"d{name}", got[name], ref, tolerance(dtype, "gate" if name in ("beta", "g") else "grad"))
+
+
+@GATED
+@pytest.mark.parametrize("T, chunk_size, K, V, heads, h0, l2norm, lag, decay, dtype, permuted", KERNEL_CASES)
+def test_chunk_kernel_bwd_vs_recurrent(gated, T, chunk_size, K, V, heads, h0, l2norm, lag, decay, dtype, permuted):
+    _require_chunk_kernel()
+    x = make_delta_inputs(2, T, heads, K, V, gated=gated, dtype=dtype, initial_state=h0, unit_keys=not l2norm,
+                          decay=decay, requires_grad=True)
+    x = _permuted(x) if permuted else x
+    _check_kernel_grads(x, gated, dtype, use_qk_l2norm_in_kernel=l2norm, lag=lag, chunk_size=chunk_size)
+
+
+@GATED
+@pytest.mark.parametrize("lag, chunk_size, dtype", [(None, 64, torch.float32), ((10, 3), 16, torch.bfloat16),
+                                                    ((1, 0), 32, torch.float32)])
+def test_chunk_kernel_bwd_varlen(gated, lag, chunk_size, dtype):
+    """Packed sequences with an empty and a one-token one, grouped k/v heads, in-kernel l2norm."""
+    _require_chunk_kernel()
+    lengths = VARLEN_LENGTHS[0]
+    x = make_delta_inputs(1, sum(lengths), KERNEL_HEADS[0], 60, 33, gated=gated, dtype=dtype, lengths=lengths,
+                          initial_state=True, unit_keys=False, requires_grad=True)
+    _check_kernel_grads(x, gated, dtype, use_qk_l2norm_in_kernel=True, lag=lag, chunk_size=chunk_size)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("heads", KERNEL_HEADS, ids=["grouped_kv", "grouped_v"])
+def test_chunk_kernel_bwd_red_zone_and_threads(dtype, heads):
+    """Writes stay inside every gradient (NaN guard bands around inputs and outputs), the result is
+    bitwise the same on 1 and 2 threads, and dh0 is the gradient w.r.t. a zero state when none is given."""
+    _require_chunk_kernel()
+    lengths, K, V, lag = VARLEN_LENGTHS[1], 7, 20, (3, 1)
+    T, HS, N = sum(lengths), max(heads), len(lengths)
+    x = make_delta_inputs(1, T, heads, K, V, dtype=dtype, lengths=lengths, unit_keys=False)
+    up = {"grad_o": torch.randn(1, T, HS, V).to(dtype), "grad_ht": torch.randn(N, HS, K, V)}
+    zoned, checks = {}, []
+    for n, t in (*x.items(), *up.items()):
+        if isinstance(t, torch.Tensor):
+            zoned[n], check = red_zone(tuple(t.shape), t.dtype, fill=float("nan") if t.is_floating_point() else 1 << 40)
+            zoned[n].copy_(t)
+            checks.append(check)
+    shapes = {"dq": (x["q"].shape, dtype), "dk": (x["k"].shape, dtype), "dv": (x["v"].shape, dtype),
+              "dbeta": ((1, T, HS), torch.float32), "dg": ((1, T, HS), torch.float32),
+              "dh0": ((N, HS, K, V), torch.float32)}
+    results, threads = [], torch.get_num_threads()
+    for n_threads in (1, 2):
+        outs = {n: red_zone(tuple(shape), dt) for n, (shape, dt) in shapes.items()}
+        torch.set_num_threads(n_threads)
+        try:
+            op.run_chunk_bwd(zoned["grad_o"], zoned["grad_ht"], zoned["q"], zoned["k"], zoned["v"], zoned["g"],
+                             zoned["beta"], K ** -0.5, None, zoned["cu_seqlens"], True, 16, *lag,
+                             *(outs[n][0] for n in shapes))
+        finally:
+            torch.set_num_threads(threads)
+        for check in (*checks, *(c for _, c in outs.values())):
+            check()
+        results.append({n: t.clone() for n, (t, _) in outs.items()})
+    for n in shapes:
+        assert torch.equal(results[0][n], results[1][n]), f"d{n} differs between 1 and 2 threads"
+    x64 = _fp64(x, requires_grad=True)
+    x64["initial_state"] = torch.zeros(N, HS, K, V, dtype=torch.float64, requires_grad=True)
+    want = _grads(reference.recurrent(**x64, use_qk_l2norm=True, lag=lag),
+                  (up["grad_o"].double(), up["grad_ht"].double()), x64)
+    for name, ref in want.items():
+        got = results[0]["dh0" if name == "initial_state" else f"d{name}"]
+        assert_close(f"d{name}", got, ref, tolerance(dtype, "gate" if name in ("beta", "g") else "grad"))
 
 
 # ----------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Mamba2 SSD: references against each other and the public ops against the fp64 reference (DESIGN §5)."""
+"""Mamba2 SSD: references against each other, the public ops against the fp64 reference (DESIGN §5) and the
+compiled CPU kernels against the fp64 token loop."""
 
 import math
 
@@ -6,9 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ahn_kernels import testing
+from ahn_kernels import _backend, testing
+from ahn_kernels.ssd import op as ssd_op
 from ahn_kernels.ssd import reference, ssd_chunk_scan, ssd_state_update
-from ahn_kernels.testing import MAMBA_ALLCLOSE, assert_close, make_ssd_inputs, tolerance
+from ahn_kernels.testing import CPU_KERNEL_FP32, MAMBA_ALLCLOSE, assert_close, make_ssd_inputs, tolerance
 
 pytestmark = pytest.mark.filterwarnings("ignore:ahn_kernels.*no compiled kernel:RuntimeWarning")
 
@@ -369,7 +371,7 @@ def _step_inputs(inputs, t):
     """Token t of a [B, T, ...] input set, as ssd_state_update arguments."""
     keep = ("A", "D", "dt_bias", "dt_softplus")
     step = {k: inputs[k] for k in keep}
-    step.update({k: inputs[k][:, t] for k in ("x", "dt", "B", "C", "z")})
+    step.update({k: None if inputs[k] is None else inputs[k][:, t] for k in ("x", "dt", "B", "C", "z")})
     return step
 
 
@@ -409,3 +411,140 @@ def test_state_update_matches_fp64_reference(dtype):
     for name, got, ref in (("out", out, out_ref), ("state", state, state_ref)):
         assert_close(name, got, ref, tolerance(dtype, "out"))
         torch.testing.assert_close(got.double(), ref, rtol=rtol, atol=atol)
+
+
+# ----------------------------------------------------------------------------
+# the compiled CPU kernels (token-serial scan, decode step) against the fp64 token loop
+# ----------------------------------------------------------------------------
+def _require_cpu_kernels():
+    for op_name in ("ssd_chunk_scan", "ssd_state_update"):
+        if "cpu" not in _backend.available(op_name, "cpu"):
+            pytest.skip("ahn_kernels._C was not built")
+
+
+def _kernel_tol(dtype):
+    return CPU_KERNEL_FP32 if dtype == torch.float32 else tolerance(dtype, "out")
+
+
+@pytest.mark.parametrize("case", range(len(RECURRENT_CASES)))
+@pytest.mark.parametrize("T", testing.AWKWARD_T)
+def test_cpu_scan_matches_token_loop(T, case):
+    _require_cpu_kernels()
+    opts = dict(RECURRENT_CASES[case])
+    G, limit, shift = opts.pop("G"), opts.pop("dt_limit", (0.0, math.inf)), opts.pop("dt_shift", 0.0)
+    inputs = make_ssd_inputs(2, T, 4, 5, 7, G, **opts)
+    inputs["dt"] = inputs["dt"] + shift
+    with _backend.use_backend("cpu"):
+        out, final = ssd_chunk_scan(**inputs, chunk_size=64, dt_limit=limit, return_final_states=True)
+    out_ref, final_ref = reference.recurrent(**_cast(inputs), dt_limit=limit)
+    assert_close("out", out, out_ref, CPU_KERNEL_FP32)
+    assert_close("final_states", final, final_ref, CPU_KERNEL_FP32)
+
+
+def test_cpu_scan_strong_decay_matches_token_loop():
+    """The kernel carries the decay as a double scale and folds it into the state when it gets small: strong
+    decays (exp(dt A) ~ 0.5) fold many times within a chunk, and a step whose decay underflows to 0 resets it."""
+    _require_cpu_kernels()
+    inputs = make_ssd_inputs(2, 200, 4, 5, 7, 2, D="H", z=True, dt_bias=True, initial_states=True)
+    inputs["dt"] = inputs["dt"] + 3.5
+    inputs["dt"][:, 150] = 1e4
+    with _backend.use_backend("cpu"):
+        out, final = ssd_chunk_scan(**inputs, chunk_size=256, return_final_states=True)
+    out_ref, final_ref = reference.recurrent(**_cast(inputs))
+    assert_close("out", out, out_ref, CPU_KERNEL_FP32)
+    assert_close("final_states", final, final_ref, CPU_KERNEL_FP32)
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float16, torch.bfloat16))
+@pytest.mark.parametrize("lag", (None,) + testing.SSD_LAGS)
+def test_cpu_scan_varlen_lag_matches_token_loop(lag, dtype):
+    _require_cpu_kernels()
+    lengths = testing.VARLEN_LENGTHS[0]
+    inputs = make_ssd_inputs(1, sum(lengths), 4, 6, 9, 4, dtype=dtype, D="HP", z=True, dt_bias=True,
+                             initial_states=True, lengths=lengths)
+    with _backend.use_backend("cpu"):
+        out, final = ssd_chunk_scan(**inputs, return_final_states=True, lag=lag)
+    out_ref, final_ref = reference.recurrent(**_cast(inputs), lag=lag)
+    assert out.dtype == dtype
+    assert_close("out", out, out_ref, _kernel_tol(dtype))
+    assert_close("final_states", final, final_ref, _kernel_tol(dtype))
+
+
+def _zoned(inputs):
+    """Every tensor of ``inputs`` copied into a red zone (NaN, or a huge offset for cu_seqlens); returns the checks."""
+    zoned, checks = dict(inputs), []
+    for k, t in inputs.items():
+        if isinstance(t, torch.Tensor):
+            zoned[k], check = testing.red_zone(tuple(t.shape), t.dtype,
+                                               fill=float("nan") if t.is_floating_point() else 1 << 40)
+            zoned[k].copy_(t)
+            checks.append(check)
+    return zoned, checks
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
+def test_cpu_scan_red_zone_and_threads(dtype):
+    """Reads and writes stay inside every tensor (NaN guard bands), x is read through a strided view, and the
+    result is bitwise the same on 1 and 2 threads (one task per sequence and head)."""
+    _require_cpu_kernels()
+    lengths, lag = testing.VARLEN_LENGTHS[1], (3, 1)
+    inputs = make_ssd_inputs(1, sum(lengths), 4, 5, 7, 2, dtype=dtype, D="H", z=True, dt_bias=True,
+                             initial_states=True, lengths=lengths)
+    zoned, checks = _zoned(inputs)
+    wide, check_wide = testing.red_zone((1, 4, sum(lengths), 9), dtype)  # [B, H, T, 9]: x a permuted slice of it
+    wide[..., 2:7] = inputs["x"].transpose(1, 2)
+    zoned["x"] = wide[..., 2:7].transpose(1, 2)
+    checks.append(check_wide)
+    args = [zoned[k] for k in ("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_states", "cu_seqlens")]
+    results, threads = [], torch.get_num_threads()
+    for n_threads in (1, 2):
+        out, check_out = testing.red_zone((1, sum(lengths), 4, 5), dtype)
+        final, check_final = testing.red_zone((3, 4, 5, 7), torch.float32)
+        torch.set_num_threads(n_threads)
+        try:
+            ssd_op.run_chunk_scan(*args[:5], 16, *args[5:], True, 0.0, math.inf, *lag, out, final)
+        finally:
+            torch.set_num_threads(threads)
+        for check in (*checks, check_out, check_final):
+            check()
+        results.append((out.clone(), final.clone()))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    out_ref, final_ref = reference.recurrent(**_cast(inputs), lag=lag)
+    assert_close("out", results[0][0], out_ref, _kernel_tol(dtype))
+    assert_close("final_states", results[0][1], final_ref, _kernel_tol(dtype))
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float16, torch.bfloat16))
+@pytest.mark.parametrize("opts", [dict(G=1), dict(G=2, D="H", dt_bias=True), dict(G=4, D="HP", z=True, dt_bias=True),
+                                  dict(G=2, z=True, dt_softplus=False)], ids=["plain", "D_H", "D_HP_z", "no_softplus"])
+def test_cpu_state_update_matches_token_loop(opts, dtype):
+    """The decode kernel on a strided state (slots of a wider buffer) with state_batch_indices, inside red zones."""
+    _require_cpu_kernels()
+    opts = dict(opts)
+    G = opts.pop("G")
+    step = _step_inputs(make_ssd_inputs(3, 1, 4, 6, 9, G, dtype=dtype, **opts), 0)
+    zoned, checks = _zoned({k: v for k, v in step.items() if k != "dt_softplus"})
+    buf, check_buf = testing.red_zone((5, 4, 6, 12), torch.float32)  # state: [N, H, P, N_state] slice of N_state 12
+    buf.copy_(torch.randn(5, 4, 6, 12))
+    state = buf[..., 1:10]
+    idx = torch.tensor([4, 0, 2], dtype=torch.int32)
+    state_ref = state.double()  # [N, H, P, N_state]
+    results, threads, start = [], torch.get_num_threads(), buf.clone()
+    for n_threads in (1, 2):
+        buf.copy_(start)
+        torch.set_num_threads(n_threads)
+        try:
+            with _backend.use_backend("cpu"):
+                out = ssd_state_update(state, **zoned, dt_softplus=step["dt_softplus"], state_batch_indices=idx)
+        finally:
+            torch.set_num_threads(threads)
+        for check in (*checks, check_buf):
+            check()
+        results.append((out, buf.clone()))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    out_ref = reference.state_update(state_ref, **_cast(step), state_batch_indices=idx)
+    assert out.dtype == dtype
+    assert_close("out", out, out_ref, _kernel_tol(dtype))
+    assert_close("state", state, state_ref, CPU_KERNEL_FP32)
+    assert torch.equal(buf[..., :1], start[..., :1]) and torch.equal(buf[..., 10:], start[..., 10:])
+    assert torch.equal(buf[[1, 3]], start[[1, 3]])  # slots no row names

@@ -67,10 +67,24 @@ def _chunk(op, q, k, v, g, beta, scale, initial_state, cu_seqlens, use_qk_l2norm
 def _chunk_bwd(op, grad_o, grad_ht, q, k, v, g, beta, scale, initial_state, cu_seqlens, use_qk_l2norm,
                chunk_size, lag_window, lag_sinks):
     """(dq, dk, dv, [dg,] dbeta, dh0); dh0 also without an initial state (the gradient w.r.t. zeros)."""
-    _backend.choose(op + "_bwd", q.device.type)  # no backward kernel yet: the explicit reference backward runs
-    dq, dk, dv, dbeta, dg, dh0 = reference.chunked_bwd(grad_o, grad_ht, q, k, v, beta, g, scale, initial_state,
-                                                       cu_seqlens, use_qk_l2norm, _lag(lag_window, lag_sinks),
-                                                       chunk_size)
+    if _backend.choose(op + "_bwd", q.device.type) == "cpu":
+        B, T, HS, K, V, N = _sizes(q, k, v, beta, cu_seqlens)
+        # The kernel reads upstream gradients as o's dtype with a unit last stride, the state's as fp32.
+        grad_o = grad_o.to(q.dtype)
+        grad_o = grad_o if grad_o.stride(-1) == 1 else grad_o.contiguous()
+        grad_ht = grad_ht.float().contiguous()
+        dq, dk, dv = q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)  # like q, k, v
+        dbeta = q.new_empty(B, T, HS, dtype=torch.float32)  # [B, T, HS]
+        dg = None if g is None else q.new_empty(B, T, HS, dtype=torch.float32)  # [B, T, HS]
+        dh0 = q.new_empty(N, HS, K, V, dtype=torch.float32)  # [N, HS, K, V]
+        run_chunk_bwd(grad_o, grad_ht, q, k, v, g, beta, scale, initial_state, cu_seqlens, use_qk_l2norm,
+                      chunk_size, lag_window, lag_sinks, dq, dk, dv, dbeta, dg, dh0)
+        dbeta = dbeta.to(beta.dtype)  # gate gradients in the gates' dtypes, as the reference returns them
+        dg = None if g is None else dg.to(g.dtype)
+    else:
+        dq, dk, dv, dbeta, dg, dh0 = reference.chunked_bwd(grad_o, grad_ht, q, k, v, beta, g, scale, initial_state,
+                                                           cu_seqlens, use_qk_l2norm, _lag(lag_window, lag_sinks),
+                                                           chunk_size)
     grads = (dq, dk, dv, dbeta) if g is None else (dq, dk, dv, dg, dbeta)
     return (*(x.contiguous() for x in grads), dh0.contiguous())
 
@@ -144,21 +158,11 @@ def run_fused_recurrent(backend, q, k, v, g, beta, scale, initial_state, cu_seql
             _backend._C.launch_fused_recurrent_fwd_cuda(p, torch.cuda.current_stream(q.device).cuda_stream)
 
 
-def run_chunk(q, k, v, g, beta, scale, initial_state, cu_seqlens, use_qk_l2norm, chunk_size, lag_window, lag_sinks,
-              o, final_state):
-    """Run the compiled CPU chunk kernel, writing ``o`` and ``final_state`` in place.
-
-    o: [B, T, HS, V] contiguous in q's dtype; final_state: [N, HS, K, V] fp32 contiguous.
-    Exposed so that tests can hand the kernel outputs inside red zones.
-    """
-    # The kernel's contract, as run_fused_recurrent's: gates fp32, h0 fp32 contiguous, offsets int64.
-    g = None if g is None else g.float()
-    beta = beta.float()
-    h0 = None if initial_state is None else initial_state.contiguous()
-    cu = None if cu_seqlens is None else cu_seqlens.long()
+def _chunk_params(q, k, v, g, beta, scale, h0, cu, use_qk_l2norm, chunk_size, lag_window, lag_sinks):
+    """The forward's ``ChunkParams`` (o and ht unset); g, beta fp32, h0 fp32 contiguous, cu int64."""
     B, T, HS, K, V, N = _sizes(q, k, v, beta, cu)
     p = _backend._C.ChunkParams()
-    p.q, p.k, p.v, p.beta, p.o, p.ht = (t.data_ptr() for t in (q, k, v, beta, o, final_state))
+    p.q, p.k, p.v, p.beta = (t.data_ptr() for t in (q, k, v, beta))
     p.g = 0 if g is None else g.data_ptr()
     p.h0 = 0 if h0 is None else h0.data_ptr()
     p.cu_seqlens = 0 if cu is None else cu.data_ptr()
@@ -175,7 +179,46 @@ def run_chunk(q, k, v, g, beta, scale, initial_state, cu_seqlens, use_qk_l2norm,
     p.scale = scale
     p.l2norm = use_qk_l2norm
     p.dtype = _DTYPE_CODE[q.dtype]
+    return p
+
+
+def run_chunk(q, k, v, g, beta, scale, initial_state, cu_seqlens, use_qk_l2norm, chunk_size, lag_window, lag_sinks,
+              o, final_state):
+    """Run the compiled CPU chunk kernel, writing ``o`` and ``final_state`` in place.
+
+    o: [B, T, HS, V] contiguous in q's dtype; final_state: [N, HS, K, V] fp32 contiguous.
+    Exposed so that tests can hand the kernel outputs inside red zones.
+    """
+    # The kernel's contract, as run_fused_recurrent's: gates fp32, h0 fp32 contiguous, offsets int64.
+    # These locals own the converted tensors until the launch returns.
+    g = None if g is None else g.float()
+    beta = beta.float()
+    h0 = None if initial_state is None else initial_state.contiguous()
+    cu = None if cu_seqlens is None else cu_seqlens.long()
+    p = _chunk_params(q, k, v, g, beta, scale, h0, cu, use_qk_l2norm, chunk_size, lag_window, lag_sinks)
+    p.o, p.ht = o.data_ptr(), final_state.data_ptr()
     _backend._C.launch_chunk_fwd_cpu(p, torch.get_num_threads())
+
+
+def run_chunk_bwd(grad_o, grad_ht, q, k, v, g, beta, scale, initial_state, cu_seqlens, use_qk_l2norm, chunk_size,
+                  lag_window, lag_sinks, dq, dk, dv, dbeta, dg, dh0):
+    """Run the compiled CPU chunk backward, writing the gradients in place.
+
+    grad_o: [B, T, HS, V] in q's dtype, last dim contiguous; grad_ht: [N, HS, K, V] fp32 contiguous.
+    dq, dk, dv: like q, k, v, contiguous; dbeta, dg: [B, T, HS] fp32 contiguous (dg None without g);
+    dh0: [N, HS, K, V] fp32 contiguous. Exposed so that tests can hand the outputs inside red zones.
+    """
+    g = None if g is None else g.float()
+    beta = beta.float()
+    h0 = None if initial_state is None else initial_state.contiguous()
+    cu = None if cu_seqlens is None else cu_seqlens.long()
+    pb = _backend._C.ChunkBwdParams()
+    pb.fwd = _chunk_params(q, k, v, g, beta, scale, h0, cu, use_qk_l2norm, chunk_size, lag_window, lag_sinks)
+    pb.grad_o, pb.grad_ht = grad_o.data_ptr(), grad_ht.data_ptr()
+    pb.do_sb, pb.do_st, pb.do_sh = grad_o.stride()[:3]
+    pb.dq, pb.dk, pb.dv, pb.dbeta, pb.dh0 = (t.data_ptr() for t in (dq, dk, dv, dbeta, dh0))
+    pb.dg = 0 if dg is None else dg.data_ptr()
+    _backend._C.launch_chunk_bwd_cpu(pb, torch.get_num_threads())
 
 
 def _fused_recurrent(op, q, k, v, g, beta, scale, initial_state, cu_seqlens, use_qk_l2norm):

@@ -52,9 +52,90 @@ def _state_dtype(x) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+_DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # csrc/common/dtype.h DType
+
+
+def _gate(t):
+    """A gate as the kernels read it: fp32 (DESIGN §4; a no-op for fp32, exact for fp16/bf16)."""
+    return None if t is None else t.float()
+
+
+def _D_strides(D) -> tuple[int, int]:
+    """D [H] or [H, P] as the kernels index it, D[h * D_sh + p * D_sp]: [H] repeats over P."""
+    return (D.stride(0), 0) if D.dim() == 1 else D.stride()
+
+
+def run_chunk_scan(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, cu_seqlens, dt_softplus, dt_min,
+                   dt_max, lag_window, lag_sinks, out, final_states):
+    """Run the compiled CPU scan (token-serial), writing ``out`` and ``final_states`` in place.
+
+    The kernel has no chunks to compute; ``chunk_size`` says where it renormalises its
+    state, so that a scan split at a multiple of it continues bitwise (DESIGN §4).
+
+    out: [B, T, H, P] contiguous in x's dtype; final_states: [N, H, P, N_state] fp32 contiguous.
+    Exposed so that tests can hand the kernel outputs inside red zones.
+    """
+    # The kernel's contract: gates fp32 (any strides), h0 fp32 contiguous, offsets int64. These
+    # locals own the converted tensors until the launch returns.
+    dt, A, D, dt_bias = _gate(dt), _gate(A).contiguous(), _gate(D), _gate(dt_bias)
+    dt_bias = None if dt_bias is None else dt_bias.contiguous()
+    h0 = None if initial_states is None else initial_states.float().contiguous()
+    cu = None if cu_seqlens is None else cu_seqlens.long()
+    Bsz, T, H, P = x.shape
+    p = _backend._C.SsdScanParams()
+    p.x, p.dt, p.A, p.B_ptr, p.C_ptr, p.y, p.ht = (t.data_ptr() for t in (x, dt, A, B, C, out, final_states))
+    p.D, p.z, p.dt_bias, p.h0, p.cu_seqlens = (0 if t is None else t.data_ptr() for t in (D, z, dt_bias, h0, cu))
+    p.B, p.T, p.N = Bsz, T, _num_seqs(x, cu)
+    p.H, p.G, p.P, p.NS = H, B.shape[2], P, B.shape[3]
+    p.C, p.W, p.S = chunk_size, lag_window, lag_sinks
+    p.x_sb, p.x_st, p.x_sh = x.stride()[:3]
+    p.dt_sb, p.dt_st, p.dt_sh = dt.stride()
+    p.B_sb, p.B_st, p.B_sg = B.stride()[:3]
+    p.C_sb, p.C_st, p.C_sg = C.stride()[:3]
+    if z is not None:
+        p.z_sb, p.z_st, p.z_sh = z.stride()[:3]
+    if D is not None:
+        p.D_sh, p.D_sp = _D_strides(D)
+    p.dt_softplus, p.dt_min, p.dt_max = dt_softplus, dt_min, dt_max
+    p.dtype = _DTYPE_CODE[x.dtype]
+    _backend._C.launch_ssd_scan_fwd_cpu(p, torch.get_num_threads())
+
+
+def run_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices, out):
+    """Run the compiled CPU decode step: ``state`` [N, H, P, N_state] fp32 in place, ``out`` [B, H, P] contiguous."""
+    dt, A, D, dt_bias = _gate(dt), _gate(A).contiguous(), _gate(D), _gate(dt_bias)
+    dt_bias = None if dt_bias is None else dt_bias.contiguous()
+    idx = None if state_batch_indices is None else state_batch_indices.long()
+    Bsz, H, P = x.shape
+    p = _backend._C.SsdStateUpdateParams()
+    p.state, p.x, p.dt, p.A, p.B_ptr, p.C_ptr, p.y = (t.data_ptr() for t in (state, x, dt, A, B, C, out))
+    p.D, p.z, p.dt_bias, p.idx = (0 if t is None else t.data_ptr() for t in (D, z, dt_bias, idx))
+    p.B, p.NB, p.H, p.G, p.P, p.NS = Bsz, state.shape[0], H, B.shape[1], P, B.shape[2]
+    p.state_sb, p.state_sh, p.state_sp = state.stride()[:3]
+    p.x_sb, p.x_sh = x.stride()[:2]
+    p.dt_sb, p.dt_sh = dt.stride()
+    p.B_sb, p.B_sg = B.stride()[:2]
+    p.C_sb, p.C_sg = C.stride()[:2]
+    if z is not None:
+        p.z_sb, p.z_sh = z.stride()[:2]
+    if D is not None:
+        p.D_sh, p.D_sp = _D_strides(D)
+    p.dt_softplus = dt_softplus
+    p.dtype = _DTYPE_CODE[x.dtype]
+    _backend._C.launch_ssd_state_update_cpu(p, torch.get_num_threads())
+
+
 def _fwd(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, cu_seqlens, dt_softplus, dt_min, dt_max,
          lag_window, lag_sinks):
-    _backend.choose("ssd_chunk_scan", x.device.type)
+    # fp64 reaches the raw op only from tests (gradcheck); the kernels are fp32 inside, so the reference serves it.
+    if _backend.choose("ssd_chunk_scan", x.device.type) == "cpu" and x.dtype in _DTYPE_CODE:
+        _, _, H, P = x.shape
+        out = x.new_empty(x.shape)  # [B, T, H, P]
+        N = _num_seqs(x, cu_seqlens)
+        final_states = x.new_empty(N, H, P, B.shape[3], dtype=torch.float32)  # [N, H, P, N_state]
+        run_chunk_scan(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, cu_seqlens, dt_softplus, dt_min,
+                       dt_max, lag_window, lag_sinks, out, final_states)
+        return out, final_states
     out, final_states = reference.chunked(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, cu_seqlens,
                                           dt_softplus, (dt_min, dt_max), _lag(lag_window, lag_sinks))
     return out.contiguous(), final_states.contiguous()
@@ -62,7 +143,7 @@ def _fwd(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, cu_seqlens, 
 
 def _bwd(dout, dfinal_states, x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, cu_seqlens, dt_softplus,
          dt_min, dt_max, lag_window, lag_sinks):
-    _backend.choose("ssd_chunk_scan", x.device.type)
+    _backend.choose("ssd_chunk_scan_bwd", x.device.type)  # no backward kernel yet: the explicit reference runs
     grads = reference.chunked_bwd(dout, dfinal_states, x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states,
                                   cu_seqlens, dt_softplus, (dt_min, dt_max), _lag(lag_window, lag_sinks))
     # an absent D, z or dt_bias has no gradient: an empty tensor holds its slot
@@ -70,7 +151,11 @@ def _bwd(dout, dfinal_states, x, dt, A, B, C, chunk_size, D, z, dt_bias, initial
 
 
 def _state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices):
-    _backend.choose("ssd_state_update", x.device.type)
+    if (_backend.choose("ssd_state_update", x.device.type) == "cpu" and x.dtype in _DTYPE_CODE
+            and state.dtype == torch.float32):
+        out = x.new_empty(x.shape)  # [B, H, P]
+        run_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices, out)
+        return out
     return reference.state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices)
 
 

@@ -31,13 +31,45 @@ torch.library.define(
 # ----------------------------------------------------------------------------
 # 2. device implementations
 # ----------------------------------------------------------------------------
+_DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # csrc/common/dtype.h DType
+
+
 def _fwd(q, k, v, window_size, num_sinks, softmax_scale, cu_seqlens):
-    _backend.choose("swa_attention", q.device.type)
+    # fp64 reaches the op only from tests (the public function rejects it): the reference serves it.
+    if _backend.choose("swa_attention", q.device.type) == "cpu" and q.dtype in _DTYPE_CODE:
+        B, T, HQ, D = q.shape
+        o = q.new_empty(B, T, HQ, D)  # [B, T, HQ, D]
+        lse = q.new_empty(B, HQ, T, dtype=torch.float32)  # [B, HQ, T]
+        run_cpu(q, k, v, window_size, num_sinks, softmax_scale, cu_seqlens, o, lse)
+        return o, lse
     return reference.blockwise(q, k, v, window_size, num_sinks, softmax_scale, cu_seqlens)
 
 
+def run_cpu(q, k, v, window_size, num_sinks, softmax_scale, cu_seqlens, o, lse):
+    """Run the compiled CPU forward, writing ``o`` and ``lse`` in place.
+
+    o: [B, T, HQ, D] contiguous in q's dtype; lse: [B, HQ, T] fp32 contiguous.
+    Exposed so that tests can hand the kernel outputs inside red zones.
+    """
+    cu = None if cu_seqlens is None else cu_seqlens.long()  # the kernel reads int64 offsets; owned until it returns
+    B, T, HQ, D = q.shape
+    p = _backend._C.SwaParams()
+    p.q, p.k, p.v, p.o, p.lse = (t.data_ptr() for t in (q, k, v, o, lse))
+    p.cu_seqlens = 0 if cu is None else cu.data_ptr()
+    p.B, p.T, p.N = B, T, B if cu is None else cu.shape[0] - 1
+    p.HQ, p.HK, p.D = HQ, k.shape[2], D
+    p.W = 0 if window_size is None else window_size  # 0: full causal
+    p.S = num_sinks
+    p.q_sb, p.q_st, p.q_sh = q.stride()[:3]
+    p.k_sb, p.k_st, p.k_sh = k.stride()[:3]
+    p.v_sb, p.v_st, p.v_sh = v.stride()[:3]
+    p.scale = softmax_scale
+    p.dtype = _DTYPE_CODE[q.dtype]
+    _backend._C.launch_swa_fwd_cpu(p, torch.get_num_threads())
+
+
 def _bwd(do, dlse, q, k, v, o, lse, window_size, num_sinks, softmax_scale, cu_seqlens):
-    _backend.choose("swa_attention", q.device.type)
+    _backend.choose("swa_attention_bwd", q.device.type)  # no backward kernel yet: the explicit reference runs
     return reference.blockwise_bwd(do, dlse, q, k, v, o, lse, window_size, num_sinks, softmax_scale, cu_seqlens)
 
 

@@ -14,110 +14,13 @@
 #include <vector>
 
 #include "common/dispatch.h"
+#include "delta_rule/chunk_cpu_common.h"
 #include "delta_rule/delta_rule.h"
 
 namespace ahn {
 namespace {
 
-constexpr float kNormEps = 1e-6f;  // inside the sqrt: x / sqrt(sum x^2 + eps), as fla
-constexpr int64_t kPad = 16;       // V and chunk columns are padded to the widest vector (16 fp32)
-
-#define AHN_INLINE inline __attribute__((always_inline))
-
-// The register tile of each ISA build: MR rows x NV vectors of L fp32 lanes, sized so
-// that every accumulator stays in a register (AVX-512: 16 of 32 zmm; AVX2: 8 of 16 ymm;
-// SSE2 and others: 8 xmm / q). Vectors are GCC/Clang vector extensions whose width
-// matches the ISA: 16-lane vectors compiled for AVX2 went through the stack (315 ms
-// against 85 ms for 8-lane ones, one thread, T = 4096, H = 8, K = V = 128), and plain
-// arrays were kept in memory by GCC across the inner loop. AVX-512 8 x 32 against 4 x 32:
-// 58.7 -> 55.7 ms.
-template <int L_, int MR_, int NV_>
-struct Isa {
-  static constexpr int L = L_, MR = MR_, NV = NV_;
-  typedef float vec __attribute__((vector_size(L_ * sizeof(float))));
-};
-using Avx512 = Isa<16, 8, 2>;
-using Avx2 = Isa<8, 4, 2>;
-using Baseline = Isa<4, 4, 2>;
-
-// (-Wpsabi warns that passing wide vectors by value differs between ISAs; these helpers
-// are always inlined, so no call crosses that ABI.)
-#pragma GCC diagnostic ignored "-Wpsabi"
-template <class V>
-AHN_INLINE V load(const float* p) {
-  V x;
-  __builtin_memcpy(&x, p, sizeof x);
-  return x;
-}
-
-template <class V>
-AHN_INLINE void store(float* p, V x) {
-  __builtin_memcpy(p, &x, sizeof x);
-}
-
-AHN_INLINE int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
-
-// C[MR, L·NV] = beta·C + A[MR, kd] · B[kd, L·NV], all row-major fp32; beta = 0 ignores C.
-// TA: A is given transposed, as row-major [kd, MR] with row stride lda.
-template <class I, int MR, int NV, bool TA>
-AHN_INLINE void tile(int64_t kd, const float* __restrict A, int64_t lda, const float* __restrict B, int64_t ldb,
-                     float* __restrict C, int64_t ldc, float beta) {
-  using V = typename I::vec;
-  constexpr int L = I::L;
-  V acc[MR][NV];
-#pragma GCC unroll 8
-  for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 4
-    for (int j = 0; j < NV; ++j) acc[r][j] = beta == 0.f ? V{} : beta * load<V>(C + r * ldc + j * L);
-  for (int64_t p = 0; p < kd; ++p) {
-    V b[NV];
-#pragma GCC unroll 4
-    for (int j = 0; j < NV; ++j) b[j] = load<V>(B + p * ldb + j * L);
-#pragma GCC unroll 8
-    for (int r = 0; r < MR; ++r) {
-      const float a = TA ? A[p * lda + r] : A[r * lda + p];
-#pragma GCC unroll 4
-      for (int j = 0; j < NV; ++j) acc[r][j] += a * b[j];
-    }
-  }
-#pragma GCC unroll 8
-  for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 4
-    for (int j = 0; j < NV; ++j) store<V>(C + r * ldc + j * L, acc[r][j]);
-}
-
-// Which triangle of a product is known to vanish or is not wanted.
-enum class Tri {
-  full,     // dense
-  lower_a,  // row i of A is zero past column i: a row tile stops its inner loop at its last row
-  lower_c,  // only C's lower triangle (column <= row) is wanted: column blocks skip the rows above them
-};
-
-// C[M, N] = beta·C + A[M, kd] · B[kd, N] over rows [i0, M), N a multiple of L·NV.
-template <class I, int NV, bool TA>
-AHN_INLINE void gemm_cols(int64_t i0, int64_t M, int64_t kd, const float* A, int64_t lda, const float* B,
-                          int64_t ldb, float* C, int64_t ldc, float beta, bool lower_a) {
-  constexpr int MR = I::MR;
-  auto a = [&](int64_t i) { return TA ? A + i : A + i * lda; };
-  int64_t i = i0;
-  for (; i + MR <= M; i += MR)
-    tile<I, MR, NV, TA>(lower_a ? std::min(kd, i + MR) : kd, a(i), lda, B, ldb, C + i * ldc, ldc, beta);
-  for (; i < M; ++i)
-    tile<I, 1, NV, TA>(lower_a ? std::min(kd, i + 1) : kd, a(i), lda, B, ldb, C + i * ldc, ldc, beta);
-}
-
-// C[M, N] = beta·C + A[M, kd] · B[kd, N], N a multiple of 16; TA: A is given transposed
-// ([kd, M], row stride lda).
-template <class I, bool TA = false>
-AHN_INLINE void gemm(int64_t M, int64_t N, int64_t kd, const float* A, int64_t lda, const float* B, int64_t ldb,
-                     float* C, int64_t ldc, float beta, Tri tri = Tri::full) {
-  constexpr int W = I::L * I::NV;
-  const bool lower_a = tri == Tri::lower_a;
-  auto first_row = [&](int64_t j) { return tri == Tri::lower_c ? std::min(j, M) : int64_t(0); };
-  int64_t j = 0;
-  for (; j + W <= N; j += W) gemm_cols<I, I::NV, TA>(first_row(j), M, kd, A, lda, B + j, ldb, C + j, ldc, beta, lower_a);
-  for (; j < N; j += I::L) gemm_cols<I, 1, TA>(first_row(j), M, kd, A, lda, B + j, ldb, C + j, ldc, beta, lower_a);
-}
+using namespace delta_rule_cpu;
 
 // Per-task fp32 scratch (zero-initialised; padding columns stay 0 throughout).
 struct Scratch {
@@ -149,18 +52,6 @@ struct Scratch {
     }
   }
 };
-
-AHN_INLINE void l2_normalize(float* x, int64_t n) {
-  float part[16] = {};  // interleaved partial sums: one running sum is a serial chain of adds
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16)
-    for (int64_t j = 0; j < 16; ++j) part[j] += x[i + j] * x[i + j];
-  for (; i < n; ++i) part[0] += x[i] * x[i];
-  float ss = 0.f;
-  for (float s : part) ss += s;
-  const float r = 1.f / std::sqrt(ss + kNormEps);
-  for (i = 0; i < n; ++i) x[i] *= r;
-}
 
 // One chunk of c tokens: X, D (v rows), beta and g are loaded; computes O (unscaled)
 // and advances S.
@@ -198,20 +89,7 @@ AHN_INLINE void chunk_step(Scratch& s, int64_t c, bool l2norm) {
     for (int64_t j = 0; j < VP; ++j) d[j] = s.beta[i] * (d[j] - s.eG[i] * pk[j]);
   }
 
-  // Forward substitution (I + A) Δ = rhs in blocks of 16 rows: the rows above a block
-  // enter through one product, the block itself row by row.
-  for (int64_t r0 = 0; r0 < c; r0 += kPad) {
-    const int64_t nb = std::min(kPad, c - r0);
-    if (r0) gemm<I>(nb, VP, r0, s.Akk + r0 * C, C, s.D, VP, s.D + r0 * VP, VP, 1.f);
-    for (int64_t i = r0 + 1; i < r0 + nb; ++i) {
-      float* __restrict di = s.D + i * VP;
-      for (int64_t j = r0; j < i; ++j) {
-        const float a = s.Akk[i * C + j];
-        const float* __restrict dj = s.D + j * VP;
-        for (int64_t col = 0; col < VP; ++col) di[col] += a * dj[col];
-      }
-    }
-  }
+  solve_unit_lower<I>(c, s.Akk, C, s.D, VP);  // (I + A) Δ = rhs
 
   for (int64_t i = 0; i < c; ++i)
     for (int64_t j = 0; j < VP; ++j) s.O[i * VP + j] = s.eG[i] * s.P[(c + i) * VP + j];
@@ -241,22 +119,13 @@ __attribute__((target("arch=x86-64-v3"))) void chunk_step_avx2(Scratch& s, int64
 void chunk_step_baseline(Scratch& s, int64_t c, bool l2norm) { chunk_step<Baseline>(s, c, l2norm); }
 
 StepFn pick_chunk_step() {
+  switch (cpu_isa()) {
 #if defined(__GNUC__) && defined(__x86_64__)
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl"))
-    return chunk_step_avx512;
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("bmi2"))
-    return chunk_step_avx2;
+    case CpuIsa::avx512: return chunk_step_avx512;
+    case CpuIsa::avx2: return chunk_step_avx2;
 #endif
-  return chunk_step_baseline;
-}
-
-// Rows of one head sit H·K elements apart (4 KiB at H = 8, K = 128), beyond the hardware
-// prefetcher's reach, so every row load missed. Fetching the next chunk's rows while this
-// one computes: 54.9 -> 51.5 ms (median of 6, one thread, T = 4096, H = 8, K = V = 128).
-void prefetch(const void* p, int64_t bytes) {
-  for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(static_cast<const char*>(p) + b);
+    default: return chunk_step_baseline;
+  }
 }
 
 // One task: sequence n, state head h.

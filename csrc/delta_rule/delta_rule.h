@@ -77,6 +77,23 @@ struct ChunkParams {
   DType dtype = DType::f32;  // of q, k, v and o
 };
 
+// Chunked backward: gradients of <o, grad_o> + <ht, grad_ht> w.r.t. q, k, v, beta, g and h0
+// (dh0 also when fwd.h0 is null: the gradient w.r.t. a zero state). fwd.o and fwd.ht are
+// not read. dq, dk, dv are summed over the state heads that share a q / k / v head, and
+// taken through the in-kernel L2 norm when fwd.l2norm is set.
+struct ChunkBwdParams {
+  ChunkParams fwd;                     // the forward's inputs and sizes
+  const void* grad_o = nullptr;        // [B, T, HS, V]  fwd.dtype
+  const float* grad_ht = nullptr;      // [N, HS, K, V]  fp32 contiguous
+  void* dq = nullptr;                  // [B, T, HQ, K]  fwd.dtype, contiguous
+  void* dk = nullptr;                  // [B, T, HK, K]  fwd.dtype, contiguous
+  void* dv = nullptr;                  // [B, T, HV, V]  fwd.dtype, contiguous
+  float* dbeta = nullptr;              // [B, T, HS]     fp32 contiguous
+  float* dg = nullptr;                 // [B, T, HS]     fp32 contiguous; nullptr for DeltaNet
+  float* dh0 = nullptr;                // [N, HS, K, V]  fp32 contiguous
+  int64_t do_sb = 0, do_st = 0, do_sh = 0;  // grad_o strides (last dim stride 1)
+};
+
 // CPU: OpenMP over sequences x state heads, `num_threads` threads.
 void launch_fused_recurrent_fwd_cpu(const FusedRecurrentParams& p, int num_threads);
 // CUDA: one block per (sequence, state head, V tile); `stream` is a cudaStream_t.
@@ -84,5 +101,10 @@ void launch_fused_recurrent_fwd_cuda(const FusedRecurrentParams& p, void* stream
 // CPU: OpenMP over sequences x state heads (each task runs its chunks in order, so
 // results do not depend on `num_threads`); fp32 math for every dtype.
 void launch_chunk_fwd_cpu(const ChunkParams& p, int num_threads);
+// CPU backward by recomputation: one task per (sequence, state head) re-runs its forward
+// chunk states, then walks the chunks in reverse. Gradients of q / k / v heads shared by
+// several state heads are kept as per-state-head fp32 partials and summed per group in a
+// fixed order afterwards (no atomics), so results do not depend on `num_threads`.
+void launch_chunk_bwd_cpu(const ChunkBwdParams& p, int num_threads);
 
 }  // namespace ahn

@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "common/dispatch.h"
+#include "common/isa.h"
 #include "delta_rule/delta_rule.h"
 
 namespace ahn {
@@ -26,15 +27,6 @@ template <class T>
 void load_f32(const T* x, int64_t n, float* out) {
   for (int64_t i = 0; i < n; ++i) out[i] = to_f32(x[i]);
 }
-
-// One x86-64 binary serves every CPU: GCC builds these functions for AVX-512,
-// AVX2+FMA and baseline SSE2 and picks one at load time (glibc ifunc). strip_step at
-// K = 128 on a Sapphire Rapids core: 1000 ns for SSE2, 290 ns for AVX-512.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__GLIBC__)
-#define AHN_ISA_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define AHN_ISA_CLONES
-#endif
 
 // Sixteen interleaved partial sums: one running sum is a serial chain of adds that
 // cost as much as a strip update at K = 128.

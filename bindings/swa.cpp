@@ -1,0 +1,65 @@
+// Bindings of the sliding-window attention launchers (csrc/swa/swa.h).
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <initializer_list>
+#include <string>
+#include <utility>
+
+#include "pointer_field.h"
+#include "common/check.h"
+#include "swa/swa.h"
+
+namespace py = pybind11;
+
+namespace {
+
+// The struct comes from Python field by field: guard what would make the kernel read
+// out of bounds or divide by zero before it runs.
+void check(const ahn::SwaParams& p) {
+  AHN_CHECK(p.B >= 0 && p.T >= 0 && p.N >= 0, "B, T and N must be >= 0");
+  AHN_CHECK(p.B * p.T == 0 || (p.q && p.k && p.v && p.o && p.lse), "q, k, v, o and lse must be set");
+  AHN_CHECK(p.cu_seqlens ? p.B == 1 : p.N == p.B, "N must equal B without cu_seqlens, and B must be 1 with it");
+  AHN_CHECK(p.HQ > 0 && p.HK > 0 && p.HQ % p.HK == 0, "HK must be > 0 and divide HQ");
+  AHN_CHECK(p.D >= 1 && p.D <= 256, "D must be in 1..256");
+  AHN_CHECK(p.W >= 0 && p.S >= 0, "W (0 = full causal) and S must be >= 0");
+}
+
+}  // namespace
+
+void bind_swa(py::module_& m) {
+  using P = ahn::SwaParams;
+  py::class_<P> params(m, "SwaParams",
+                       "Arguments of the sliding-window attention forward; see csrc/swa/swa.h. "
+                       "Pointers are addresses (int, 0 = null).");
+  params.def(py::init<>());
+  ahn::pointer_field(params, "q", &P::q);
+  ahn::pointer_field(params, "k", &P::k);
+  ahn::pointer_field(params, "v", &P::v);
+  ahn::pointer_field(params, "o", &P::o);
+  ahn::pointer_field(params, "lse", &P::lse);
+  ahn::pointer_field(params, "cu_seqlens", &P::cu_seqlens);
+  using Field = std::pair<const char*, int64_t P::*>;
+  const std::initializer_list<Field> sizes_and_strides = {
+      {"B", &P::B},       {"T", &P::T},       {"N", &P::N},       {"HQ", &P::HQ},     {"HK", &P::HK},
+      {"D", &P::D},       {"W", &P::W},       {"S", &P::S},       {"q_sb", &P::q_sb}, {"q_st", &P::q_st},
+      {"q_sh", &P::q_sh}, {"k_sb", &P::k_sb}, {"k_st", &P::k_st}, {"k_sh", &P::k_sh}, {"v_sb", &P::v_sb},
+      {"v_st", &P::v_st}, {"v_sh", &P::v_sh}};
+  for (auto [name, field] : sizes_and_strides) params.def_readwrite(name, field);
+  params.def_readwrite("scale", &P::scale);
+  params.def_property(
+      "dtype", [](const P& p) { return int(p.dtype); },
+      [](P& p, int code) {
+        AHN_CHECK(code >= 0 && code <= 2, "dtype must be 0 (f32), 1 (f16) or 2 (bf16), got " + std::to_string(code));
+        p.dtype = ahn::DType(code);
+      });
+
+  m.def(
+      "launch_swa_fwd_cpu",
+      [](const P& p, int num_threads) {
+        check(p);
+        py::gil_scoped_release release;
+        ahn::launch_swa_fwd_cpu(p, num_threads);
+      },
+      py::arg("p"), py::arg("num_threads"), "Run on host memory with `num_threads` OpenMP threads.");
+}

@@ -1,0 +1,60 @@
+// Pieces shared by the chunked delta rule's CPU forward (chunk_cpu.cpp) and backward
+// (chunk_bwd_cpu.cpp): the in-kernel L2 norm, the unit-lower chunk solve, row prefetch.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+
+#include "common/cpu_gemm.h"
+
+namespace ahn {
+namespace delta_rule_cpu {
+
+constexpr float kNormEps = 1e-6f;  // inside the sqrt: x / sqrt(sum x^2 + eps), as fla
+constexpr int64_t kPad = 16;       // head-dim and chunk columns are padded to the widest vector (16 fp32)
+
+// 1 / sqrt(sum x^2 + eps) over n contiguous floats.
+AHN_INLINE float rnorm(const float* x, int64_t n) {
+  float part[16] = {};  // interleaved partial sums: one running sum is a serial chain of adds
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    for (int64_t j = 0; j < 16; ++j) part[j] += x[i + j] * x[i + j];
+  for (; i < n; ++i) part[0] += x[i] * x[i];
+  float ss = 0.f;
+  for (float s : part) ss += s;
+  return 1.f / std::sqrt(ss + kNormEps);
+}
+
+AHN_INLINE void l2_normalize(float* x, int64_t n) {
+  const float r = rnorm(x, n);
+  for (int64_t i = 0; i < n; ++i) x[i] *= r;
+}
+
+// D[c, VP] <- (I - A)^-1 D for A = Aneg[c, c] (row stride lda) strictly lower, in blocks
+// of 16 rows: the rows above a block enter through one product, the block itself row by row.
+template <class I>
+AHN_INLINE void solve_unit_lower(int64_t c, const float* Aneg, int64_t lda, float* D, int64_t VP) {
+  for (int64_t r0 = 0; r0 < c; r0 += kPad) {
+    const int64_t nb = std::min(kPad, c - r0);
+    if (r0) gemm<I>(nb, VP, r0, Aneg + r0 * lda, lda, D, VP, D + r0 * VP, VP, 1.f);
+    for (int64_t i = r0 + 1; i < r0 + nb; ++i) {
+      float* __restrict di = D + i * VP;
+      for (int64_t j = r0; j < i; ++j) {
+        const float a = Aneg[i * lda + j];
+        const float* __restrict dj = D + j * VP;
+        for (int64_t col = 0; col < VP; ++col) di[col] += a * dj[col];
+      }
+    }
+  }
+}
+
+// Rows of one head sit H·K elements apart (4 KiB at H = 8, K = 128), beyond the hardware
+// prefetcher's reach, so every row load missed. Fetching the next chunk's rows while this
+// one computes: 54.9 -> 51.5 ms (median of 6, one thread, T = 4096, H = 8, K = V = 128).
+inline void prefetch(const void* p, int64_t bytes) {
+  for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(static_cast<const char*>(p) + b);
+}
+
+}  // namespace delta_rule_cpu
+}  // namespace ahn
