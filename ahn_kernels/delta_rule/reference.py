@@ -13,7 +13,7 @@ and row t reads it with q_t; rows with t - W < S are 0; the initial state is
 the state before token S and the final state the one after token T_seq-1-W.
 
 ``recurrent`` is the token loop (the oracle). ``chunked`` is the same math in
-chunks of C tokens (the WY / UT form); it is what the ops run until kernels exist.
+chunks of C tokens (the WY / UT form); the ops run it where no kernel serves them.
 
 Both accept fp32, fp16, bf16 and fp64. They compute in fp32 for fp16/bf16
 inputs and in the input dtype for fp32/fp64; gates are read in that dtype (never

@@ -19,8 +19,8 @@ T_seq-1-W.
 
 - ``recurrent``: the token loop (the oracle; slow).
 - ``chunked``: mamba's chunked algorithm, vectorised over chunks, sequences and
-  heads, with a Python loop only in the state pass. The op runs it until
-  kernels exist.
+  heads, with a Python loop only in the state pass. The op runs it where
+  no kernel serves it (and its backward, ``chunked_bwd``, on every device today).
 - ``chunked_bwd``: the gradients of ``chunked`` by explicit math (mamba's stages
   in reverse); the op's backward runs it.
 - ``state_update``: one decode step, state updated in place.

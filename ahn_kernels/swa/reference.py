@@ -7,7 +7,7 @@ no softmax row is empty.
 
 - ``masked``: the spec. One explicit ``[T, T]`` mask and ``torch.softmax``,
   computed in the input dtype. O(T²) memory: for tests and small T only.
-- ``blockwise`` / ``blockwise_bwd``: what the op runs. Query blocks of
+- ``blockwise`` / ``blockwise_bwd``: what the op runs where no kernel does. Query blocks of
   ``BQ`` rows meet only the keys they can see (the sinks left of the window
   span, then the span), so memory is O(BQ · (S + BQ + W)) per step and never
   T x T. fp32 math for fp16/bf16 (fp64 stays fp64). The backward is the
@@ -109,7 +109,7 @@ def _block(q, k, v, bos, i0, i1, window_size, num_sinks, scale):
 
 
 def blockwise(q, k, v, window_size, num_sinks, scale, cu_seqlens=None):
-    """Memory-bounded attention forward, what the op runs until a kernel exists.
+    """Memory-bounded attention forward, what the op runs where no kernel serves it.
 
     Args as ``masked`` (scale required). Returns o [B, T, HQ, D] in q.dtype and
     lse [B, HQ, T] in fp32 (fp64 for fp64 inputs).
