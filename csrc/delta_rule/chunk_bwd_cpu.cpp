@@ -343,18 +343,13 @@ template <class T>
 void run_head(const ChunkBwdParams& pb, const Sinks<T>& sink, int64_t n, int64_t h, const Steps& steps_fn) {
   const ChunkParams& p = pb.fwd;
   const int64_t K = p.K, V = p.V, C = p.C, HS = p.HS;
-  const int64_t b = p.cu_seqlens ? 0 : n;
-  const int64_t bos = p.cu_seqlens ? p.cu_seqlens[n] : 0;
-  const int64_t eos = p.cu_seqlens ? p.cu_seqlens[n + 1] : p.T;
+  const SeqHead at = seq_head(p, n, h);
+  const int64_t b = at.b, bos = at.bos, eos = at.eos;
   const int64_t steps = std::max<int64_t>(0, eos - bos - p.W - p.S);
-  // Element offsets of token 0 of this sequence and head (pointers are formed only at an
-  // access: with no tokens the tensors may be empty and null).
-  const int64_t hq = h / (HS / p.HQ), hk = h / (HS / p.HK), hv = h / (HS / p.HV);
-  const int64_t q0 = b * p.q_sb + hq * p.q_sh, k0 = b * p.k_sb + hk * p.k_sh, v0 = b * p.v_sb + hv * p.v_sh;
-  const int64_t g0 = b * p.g_sb + h * p.g_sh, beta0 = b * p.beta_sb + h * p.beta_sh;
+  const int64_t hq = at.hq, hk = at.hk, hv = at.hv;
+  const int64_t q0 = at.q, k0 = at.k, v0 = at.v, g0 = at.g, beta0 = at.beta, state = at.state;
   const int64_t do0 = b * pb.do_sb + h * pb.do_sh;
   const int64_t row0 = b * p.T;  // row of token 0 in the [B·T, HS] gate gradients
-  const int64_t state = (n * HS + h) * K * V;
   // A sink's head: the task's own head when it is not shared, else the state head (partials).
   const int64_t sq = sink.dq.part ? h : hq, sk = sink.dk.part ? h : hk, sv = sink.dv.part ? h : hv;
 

@@ -132,19 +132,11 @@ StepFn pick_chunk_step() {
 template <class T>
 void run_head(const ChunkParams& p, int64_t n, int64_t h, StepFn chunk_step) {
   const int64_t K = p.K, V = p.V, C = p.C;
-  const int64_t b = p.cu_seqlens ? 0 : n;
-  const int64_t bos = p.cu_seqlens ? p.cu_seqlens[n] : 0;
-  const int64_t eos = p.cu_seqlens ? p.cu_seqlens[n + 1] : p.T;
+  const SeqHead at = seq_head(p, n, h);
+  const int64_t bos = at.bos, eos = at.eos;
   const int64_t steps = std::max<int64_t>(0, eos - bos - p.W - p.S);  // rows the memory absorbs
-  // Element offsets of token 0 of this sequence and head; pointers are formed only at
-  // an access, since with no tokens (T = 0) the tensors may be empty and null.
-  const int64_t q0 = b * p.q_sb + h / (p.HS / p.HQ) * p.q_sh;
-  const int64_t k0 = b * p.k_sb + h / (p.HS / p.HK) * p.k_sh;
-  const int64_t v0 = b * p.v_sb + h / (p.HS / p.HV) * p.v_sh;
-  const int64_t g0 = b * p.g_sb + h * p.g_sh, beta0 = b * p.beta_sb + h * p.beta_sh;
-  const int64_t o0 = (b * p.T * p.HS + h) * V;
+  const int64_t q0 = at.q, k0 = at.k, v0 = at.v, g0 = at.g, beta0 = at.beta, o0 = at.o, state = at.state;
   const int64_t o_st = p.HS * V;
-  const int64_t state = (n * p.HS + h) * K * V;  // this head's [K, V] in h0 / ht
 
   // Rows whose memory is empty (t - W < S) are 0.
   for (int64_t t = bos; t < std::min(eos, bos + p.S + p.W); ++t)

@@ -107,4 +107,40 @@ void launch_chunk_fwd_cpu(const ChunkParams& p, int num_threads);
 // fixed order afterwards (no atomics), so results do not depend on `num_threads`.
 void launch_chunk_bwd_cpu(const ChunkBwdParams& p, int num_threads);
 
+#if defined(__CUDACC__)
+#define AHN_HOST_DEVICE __host__ __device__
+#else
+#define AHN_HOST_DEVICE
+#endif
+
+// Where the task (sequence n, state head h) reads and writes: its token range and the
+// element offsets of its token 0. Pointers are formed only at an access, since with no
+// tokens (T = 0) the tensors may be empty and null.
+struct SeqHead {
+  int64_t b, bos, eos;       // batch row; tokens [bos, eos) of it
+  int64_t hq, hk, hv;        // the q, k, v heads that state head h reads
+  int64_t q, k, v, g, beta;  // offsets of token 0 in the inputs
+  int64_t o;                 // offset of token 0 in o [B, T, HS, V] (contiguous)
+  int64_t state;             // offset of this head's [K, V] in h0 / ht
+};
+
+template <class Params>
+AHN_HOST_DEVICE inline SeqHead seq_head(const Params& p, int64_t n, int64_t h) {
+  SeqHead s;
+  s.b = p.cu_seqlens ? 0 : n;
+  s.bos = p.cu_seqlens ? p.cu_seqlens[n] : 0;
+  s.eos = p.cu_seqlens ? p.cu_seqlens[n + 1] : p.T;
+  s.hq = h / (p.HS / p.HQ);
+  s.hk = h / (p.HS / p.HK);
+  s.hv = h / (p.HS / p.HV);
+  s.q = s.b * p.q_sb + s.hq * p.q_sh;
+  s.k = s.b * p.k_sb + s.hk * p.k_sh;
+  s.v = s.b * p.v_sb + s.hv * p.v_sh;
+  s.g = s.b * p.g_sb + h * p.g_sh;
+  s.beta = s.b * p.beta_sb + h * p.beta_sh;
+  s.o = (s.b * p.T * p.HS + h) * p.V;
+  s.state = (n * p.HS + h) * p.K * p.V;
+  return s;
+}
+
 }  // namespace ahn

@@ -41,22 +41,16 @@ __global__ void __launch_bounds__(32 * kWarps) fused_recurrent_fwd_kernel(const 
   const int64_t col = int64_t(blockIdx.y) * Tile<KB>::BV + threadIdx.x / TK;
   const bool col_ok = col < p.V;
   const int64_t n = blockIdx.x / p.HS, h = blockIdx.x % p.HS;
-  const int64_t b = p.cu_seqlens ? 0 : n;
-  const int64_t bos = p.cu_seqlens ? p.cu_seqlens[n] : 0;
-  const int64_t eos = p.cu_seqlens ? p.cu_seqlens[n + 1] : p.T;
-  // Element offsets of token 0 of this sequence and head; pointers are formed only at
-  // an access, since with no tokens (T = 0) the tensors may be empty and null.
+  const SeqHead at = seq_head(p, n, h);
+  const int64_t bos = at.bos, eos = at.eos;
   const T* q = static_cast<const T*>(p.q);
   const T* k = static_cast<const T*>(p.k);
   const T* v = static_cast<const T*>(p.v);
   T* o = static_cast<T*>(p.o);
-  const int64_t q0 = b * p.q_sb + h / (p.HS / p.HQ) * p.q_sh;
-  const int64_t k0 = b * p.k_sb + h / (p.HS / p.HK) * p.k_sh;
-  const int64_t v0 = b * p.v_sb + h / (p.HS / p.HV) * p.v_sh + col;
-  const int64_t g0 = b * p.g_sb + h * p.g_sh, beta0 = b * p.beta_sb + h * p.beta_sh;
-  const int64_t o0 = (b * p.T * p.HS + h) * p.V + col;
+  const int64_t q0 = at.q, k0 = at.k, v0 = at.v + col, g0 = at.g, beta0 = at.beta;
+  const int64_t o0 = at.o + col;
   const int64_t o_st = p.HS * p.V;
-  const int64_t state = (n * p.HS + h) * p.K * p.V + col;  // S[0, col] of this head in h0 / ht
+  const int64_t state = at.state + col;  // S[0, col] of this head in h0 / ht
 
   float S[R];  // S[tk + r * TK, col]
 #pragma unroll

@@ -86,18 +86,10 @@ AHN_ISA_CLONES void strip_step(float (*S)[BV], int64_t K, const float* q, const 
 template <class T>
 void run_head(const FusedRecurrentParams& p, int64_t n, int64_t h) {
   const int64_t K = p.K, V = p.V, NV = (V + BV - 1) / BV, VP = NV * BV;
-  const int64_t b = p.cu_seqlens ? 0 : n;
-  const int64_t bos = p.cu_seqlens ? p.cu_seqlens[n] : 0;
-  const int64_t eos = p.cu_seqlens ? p.cu_seqlens[n + 1] : p.T;
-  // Element offsets of token 0 of this sequence and head; pointers are formed only at
-  // an access, since with no tokens (T = 0) the tensors may be empty and null.
-  const int64_t q0 = b * p.q_sb + h / (p.HS / p.HQ) * p.q_sh;
-  const int64_t k0 = b * p.k_sb + h / (p.HS / p.HK) * p.k_sh;
-  const int64_t v0 = b * p.v_sb + h / (p.HS / p.HV) * p.v_sh;
-  const int64_t g0 = b * p.g_sb + h * p.g_sh, beta0 = b * p.beta_sb + h * p.beta_sh;
-  const int64_t o0 = (b * p.T * p.HS + h) * V;
+  const SeqHead at = seq_head(p, n, h);
+  const int64_t bos = at.bos, eos = at.eos;
+  const int64_t q0 = at.q, k0 = at.k, v0 = at.v, g0 = at.g, beta0 = at.beta, o0 = at.o, state = at.state;
   const int64_t o_st = p.HS * V;
-  const int64_t state = (n * p.HS + h) * K * V;  // this head's [K, V] in h0 / ht
 
   // strips [NV, K, BV] | q [TB, K] | k [TB, K] | v [TB, VP]; padding columns stay 0,
   // so padded state columns stay 0 too.
