@@ -74,6 +74,16 @@ def red_zone(shape: tuple, dtype: torch.dtype, device="cpu", pad: int = 256, fil
     return view, check
 
 
+def fp64_leaves(inputs: dict, requires_grad: bool = False) -> dict:
+    """The same keyword inputs with floating tensors as fp64 leaves (fp16/bf16 values upcast as rounded)."""
+    out = {}
+    for name, x in inputs.items():
+        if isinstance(x, torch.Tensor) and x.is_floating_point():
+            x = x.detach().double().requires_grad_(requires_grad)
+        out[name] = x
+    return out
+
+
 def seqlens_to_cu(lengths, device="cpu", dtype=torch.int64) -> torch.Tensor:
     cu = [0]
     for n in lengths:

@@ -1,4 +1,6 @@
-"""DeltaNet and Gated DeltaNet: references, ops, the CPU chunk kernel and every fused_recurrent backend (DESIGN §5).
+"""DeltaNet and Gated DeltaNet: references, chunk ops and the CPU chunk kernels (DESIGN §5).
+
+The fused_recurrent backends are tested in test_delta_rule_recurrent.py.
 
 The oracle is ``reference.recurrent`` (the token loop) in fp64; ``reference.chunked``
 is checked against it, and the ops against both.
@@ -13,16 +15,14 @@ from ahn_kernels import _backend
 from ahn_kernels.delta_rule import op, reference
 from ahn_kernels.testing import (
     AWKWARD_T,
-    CPU_KERNEL_FP32,
     DELTA_CHUNK_SIZES,
     DELTA_DIMS,
     DELTA_HEADS,
     DELTA_LAGS,
-    DELTA_RECURRENT_DIMS,
-    DELTA_RECURRENT_T,
     VARLEN_LENGTHS,
     assert_close,
     make_delta_inputs,
+    fp64_leaves,
     red_zone,
     tolerance,
 )
@@ -30,7 +30,6 @@ from ahn_kernels.testing import (
 FP64_EXACT = 1e-10  # two fp64 formulations of the same math
 GATED = pytest.mark.parametrize("gated", [False, True], ids=["delta", "gated"])
 CHUNK_OPS = {False: op.chunk_delta_rule, True: op.chunk_gated_delta_rule}
-FUSED_OPS = {False: op.fused_recurrent_delta_rule, True: op.fused_recurrent_gated_delta_rule}
 GRAD_ORDER = ("q", "k", "v", "beta", "g", "initial_state")
 
 
@@ -44,19 +43,9 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-def _fp64(inputs, requires_grad=False):
-    """The same inputs as fp64 leaves (the rounded fp16/bf16 values, upcast)."""
-    out = {}
-    for name, t in inputs.items():
-        if isinstance(t, torch.Tensor) and t.is_floating_point():
-            t = t.detach().double().requires_grad_(requires_grad)
-        out[name] = t
-    return out
-
-
 def _oracle(inputs, **kw):
     """fp64 token loop: (o, final_state)."""
-    return reference.recurrent(**_fp64(inputs), **kw)
+    return reference.recurrent(**fp64_leaves(inputs), **kw)
 
 
 def _grads(outputs, upstream, inputs):
@@ -84,7 +73,7 @@ CHUNKED_CASES = [(T, C, *_VARIANTS[(i + j) % len(_VARIANTS)])
 @GATED
 @pytest.mark.parametrize("T, chunk_size, K, V, heads, h0, l2norm, decay", CHUNKED_CASES)
 def test_chunked_equals_recurrent(gated, T, chunk_size, K, V, heads, h0, l2norm, decay):
-    x = _fp64(make_delta_inputs(2, T, heads, K, V, gated=gated, initial_state=h0, unit_keys=not l2norm,
+    x = fp64_leaves(make_delta_inputs(2, T, heads, K, V, gated=gated, initial_state=h0, unit_keys=not l2norm,
                                 decay=decay))
     o_ref, ht_ref = reference.recurrent(**x, use_qk_l2norm=l2norm)
     o, ht = reference.chunked(**x, use_qk_l2norm=l2norm, chunk_size=chunk_size)
@@ -96,7 +85,7 @@ def test_chunked_equals_recurrent(gated, T, chunk_size, K, V, heads, h0, l2norm,
 @pytest.mark.parametrize("lengths, lag", [(VARLEN_LENGTHS[0], None), (VARLEN_LENGTHS[0], (10, 3)),
                                           (VARLEN_LENGTHS[1], (1, 0)), (VARLEN_LENGTHS[1], (5, 250))])
 def test_chunked_equals_recurrent_varlen_lag(gated, lengths, lag):
-    x = _fp64(make_delta_inputs(1, sum(lengths), DELTA_HEADS[1], 7, 12, gated=gated, lengths=lengths,
+    x = fp64_leaves(make_delta_inputs(1, sum(lengths), DELTA_HEADS[1], 7, 12, gated=gated, lengths=lengths,
                                 initial_state=True))
     o_ref, ht_ref = reference.recurrent(**x, lag=lag)
     o, ht = reference.chunked(**x, lag=lag, chunk_size=16)
@@ -112,7 +101,7 @@ def test_chunked_equals_recurrent_varlen_lag(gated, lengths, lag):
 ])
 def test_gradcheck_chunked(T, heads, l2norm, lengths, lag):
     """fp64 gradcheck of the chunked reference; chunk 4 gives several chunks and a partial one."""
-    x = _fp64(make_delta_inputs(1, T, heads, 3, 4, lengths=lengths, initial_state=True, decay=5.0,
+    x = fp64_leaves(make_delta_inputs(1, T, heads, 3, 4, lengths=lengths, initial_state=True, decay=5.0,
                                 unit_keys=not l2norm), requires_grad=True)
     names = [n for n in GRAD_ORDER if x.get(n) is not None]
 
@@ -132,7 +121,7 @@ def test_gradcheck_chunked(T, heads, l2norm, lengths, lag):
 def test_chunked_bwd_equals_recurrent_autograd(gated, lengths, lag, l2norm, h0):
     """The explicit backward of the chunked form vs autograd through the token loop, fp64."""
     T = 70 if lengths is None else sum(lengths)
-    x = _fp64(make_delta_inputs(1 if lengths else 2, T, DELTA_HEADS[int(gated)], 9, 6, gated=gated,
+    x = fp64_leaves(make_delta_inputs(1 if lengths else 2, T, DELTA_HEADS[int(gated)], 9, 6, gated=gated,
                                 lengths=lengths, initial_state=h0, unit_keys=not l2norm), requires_grad=True)
     o, ht = reference.recurrent(**x, use_qk_l2norm=l2norm, lag=lag)
     up = (torch.randn_like(o), torch.randn_like(ht))
@@ -156,7 +145,7 @@ def test_lag_equals_slicing(gated, lag, lengths):
     """Row t reads the state after tokens S .. t-W with q_t: slice each sequence and run without lag."""
     T = 65 if lengths is None else sum(lengths)
     B = 2 if lengths is None else 1
-    x = _fp64(make_delta_inputs(B, T, DELTA_HEADS[0], 7, 5, gated=gated, lengths=lengths, initial_state=True))
+    x = fp64_leaves(make_delta_inputs(B, T, DELTA_HEADS[0], 7, 5, gated=gated, lengths=lengths, initial_state=True))
     o, ht = reference.chunked(**x, lag=lag, chunk_size=16)
     W, S = lag
     bounds = [(b, 0, T) for b in range(B)] if lengths is None else [(0, s, e) for s, e in zip(
@@ -303,7 +292,7 @@ def test_chunk_op_vs_reference(dtype, gated, B, lengths, T, heads, K, V, h0, l2n
     o, ht = CHUNK_OPS[gated](**x, output_final_state=True, use_qk_l2norm_in_kernel=l2norm, lag=lag,
                              chunk_size=chunk_size)
     assert o.dtype == dtype and ht.dtype == torch.float32
-    x64 = _fp64(x, requires_grad=True)
+    x64 = fp64_leaves(x, requires_grad=True)
     o_ref, ht_ref = reference.recurrent(**x64, use_qk_l2norm=l2norm, lag=lag)
     assert_close("o", o, o_ref, tolerance(dtype, "out"))
     assert_close("final_state", ht, ht_ref, tolerance(dtype, "out"))
@@ -420,7 +409,7 @@ def _chunk_kernel_grads(x, gated, up, **kw):
 
 def _check_kernel_grads(x, gated, dtype, **kw):
     """Kernel gradients (random upstream for o and the final state) vs the fp64 token loop's."""
-    x64 = _fp64(x, requires_grad=True)
+    x64 = fp64_leaves(x, requires_grad=True)
     o_ref, ht_ref = reference.recurrent(**x64, use_qk_l2norm=kw.get("use_qk_l2norm_in_kernel", False),
                                         lag=kw.get("lag"))
     up = (torch.randn_like(o_ref).to(dtype), torch.randn_like(ht_ref).float())  # what the op's backward receives
@@ -492,132 +481,13 @@ def test_chunk_kernel_bwd_red_zone_and_threads(dtype, heads):
         results.append({n: t.clone() for n, (t, _) in outs.items()})
     for n in shapes:
         assert torch.equal(results[0][n], results[1][n]), f"d{n} differs between 1 and 2 threads"
-    x64 = _fp64(x, requires_grad=True)
+    x64 = fp64_leaves(x, requires_grad=True)
     x64["initial_state"] = torch.zeros(N, HS, K, V, dtype=torch.float64, requires_grad=True)
     want = _grads(reference.recurrent(**x64, use_qk_l2norm=True, lag=lag),
                   (up["grad_o"].double(), up["grad_ht"].double()), x64)
     for name, ref in want.items():
         got = results[0]["dh0" if name == "initial_state" else f"d{name}"]
         assert_close(f"d{name}", got, ref, tolerance(dtype, "gate" if name in ("beta", "g") else "grad"))
-
-
-# ----------------------------------------------------------------------------
-# fused_recurrent: every backend vs the fp64 token loop
-# ----------------------------------------------------------------------------
-BACKENDS = ["cpu", "triton", "reference"]
-# (B, T, K, V, heads, lengths, initial_state, l2norm, dtype, gated, on_triton): every
-# DELTA_RECURRENT_T with every DELTA_RECURRENT_DIMS as K (V the next one) in fp32, then
-# fp16 / bf16 and varlen cases. The Triton interpreter costs milliseconds per token and
-# program, so it runs the T = 1 and the small cases only.
-FUSED_CASES = [
-    (2 if T < 65 else 1, T, K, DELTA_RECURRENT_DIMS[(j + 1) % 4], DELTA_HEADS[(i + j) % 2], None, (i + j) % 3 != 0,
-     (i + j) % 2 == 1, torch.float32, (i + j) % 4 != 1, T == 1)
-    for i, T in enumerate(DELTA_RECURRENT_T) for j, K in enumerate(DELTA_RECURRENT_DIMS)
-] + [
-    (1, 65, 7, 8, DELTA_HEADS[1], None, True, True, torch.float32, True, True),
-    (1, 22, 16, 16, DELTA_HEADS[0], VARLEN_LENGTHS[1], True, True, torch.float16, True, True),
-    (1, 22, 60, 7, DELTA_HEADS[1], VARLEN_LENGTHS[1], False, False, torch.bfloat16, False, True),
-    (2, 65, 60, 100, DELTA_HEADS[0], None, True, True, torch.bfloat16, True, False),
-    (1, sum(VARLEN_LENGTHS[0]), 60, 100, DELTA_HEADS[1], VARLEN_LENGTHS[0], True, True, torch.float32, True, False),
-]
-
-
-def _require(backend, gated):
-    name = f"fused_recurrent_{'gated_' if gated else ''}delta_rule"
-    if backend not in _backend.available(name, "cpu"):
-        reason = {"cpu": f"ahn_kernels._C is not built ({_backend.build_info().get('error')})",
-                  "triton": "triton is not installed or TRITON_INTERPRET is not 1"}[backend]
-        pytest.skip(f"backend {backend!r} unavailable here: {reason}")
-    return name
-
-
-def _fused_tolerance(backend, dtype):
-    return CPU_KERNEL_FP32 if backend == "cpu" and dtype == torch.float32 else tolerance(dtype, "out")
-
-
-def _fused_id(backend, B, T, K, V, heads, lengths, h0, l2norm, dtype, gated):
-    return "-".join([backend, "gated" if gated else "delta", str(dtype).replace("torch.float", "fp"),
-                     f"B{B}T{T}K{K}V{V}", "H{}.{}.{}".format(*heads), "varlen" if lengths else "dense",
-                     "h0" if h0 else "no_h0", "l2norm" if l2norm else "raw"])
-
-
-FUSED_PARAMS = [pytest.param(backend, *case[:-1], id=_fused_id(backend, *case[:-1]))
-                for case in FUSED_CASES for backend in BACKENDS if backend != "triton" or case[-1]]
-
-
-@pytest.mark.parametrize("backend, B, T, K, V, heads, lengths, h0, l2norm, dtype, gated", FUSED_PARAMS)
-def test_fused_recurrent_vs_reference(backend, B, T, K, V, heads, lengths, h0, l2norm, dtype, gated):
-    name = _require(backend, gated)
-    x = make_delta_inputs(B, T, heads, K, V, gated=gated, dtype=dtype, lengths=lengths, initial_state=h0,
-                          unit_keys=not l2norm)
-    with ahn_kernels.use_backend(backend):
-        assert _backend.choose(name, "cpu") == backend
-        o, ht = FUSED_OPS[gated](**x, output_final_state=True, use_qk_l2norm_in_kernel=l2norm)
-    o_ref, ht_ref = _oracle(x, use_qk_l2norm=l2norm)
-    assert o.dtype == dtype and o.is_contiguous() and ht.dtype == torch.float32
-    tol = _fused_tolerance(backend, dtype)
-    assert_close("o", o, o_ref, tol)
-    assert_close("final_state", ht, ht_ref, tol)
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_fused_recurrent_decode_continuation(backend):
-    """A prefill then single-token steps, each from the returned state, equals the whole sequence."""
-    _require(backend, True)
-    x = make_delta_inputs(2, 22, DELTA_HEADS[1], 60, 7, initial_state=True)
-    with ahn_kernels.use_backend(backend):
-        o, ht = op.fused_recurrent_gated_delta_rule(**x, output_final_state=True)
-        h, outs = x["initial_state"], []
-        for s, e in ((0, 20), (20, 21), (21, 22)):
-            part = {n: x[n][:, s:e] for n in ("q", "k", "v", "g", "beta")}
-            o_p, h = op.fused_recurrent_gated_delta_rule(**part, initial_state=h, output_final_state=True)
-            outs.append(o_p)
-    tol = _fused_tolerance(backend, torch.float32)
-    assert_close("o", torch.cat(outs, 1), o, tol)
-    assert_close("final_state", h, ht, tol)
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("lengths", [None, (0, 0)], ids=["dense", "varlen"])
-@pytest.mark.parametrize("h0", [False, True], ids=["no_h0", "h0"])
-def test_fused_recurrent_no_tokens(backend, lengths, h0):
-    """T = 0: every sequence is empty, so the final state is the initial state (or zeros)."""
-    _require(backend, True)
-    x = make_delta_inputs(2 if lengths is None else 1, 0, DELTA_HEADS[1], 7, 8, lengths=lengths, initial_state=h0)
-    with ahn_kernels.use_backend(backend):
-        o, ht = op.fused_recurrent_gated_delta_rule(**x, output_final_state=True)
-    assert o.shape == (o.shape[0], 0, 4, 8)
-    assert torch.equal(ht, x["initial_state"] if h0 else torch.zeros(2, 4, 7, 8))
-
-
-@pytest.mark.parametrize("backend", ["cpu", "triton"])
-def test_fused_recurrent_red_zone(backend):
-    """Kernels read and write only inside their tensors: NaN guard bands around every input and output."""
-    _require(backend, True)
-    x = make_delta_inputs(1, 22, DELTA_HEADS[1], 7, 8, lengths=VARLEN_LENGTHS[1], initial_state=True)
-    checks, zoned = [], {}
-    for n, t in x.items():
-        if isinstance(t, torch.Tensor):
-            fill = float("nan") if t.is_floating_point() else 1 << 40
-            zoned[n], check = red_zone(tuple(t.shape), t.dtype, fill=fill)
-            zoned[n].copy_(t)
-            checks.append(check)
-        else:
-            zoned[n] = t
-    o, check_o = red_zone((1, 22, 4, 8), torch.float32)
-    ht, check_ht = red_zone((3, 4, 7, 8), torch.float32)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)  # the CPU kernel splits sequences x heads over these threads
-    try:
-        op.run_fused_recurrent(backend, zoned["q"], zoned["k"], zoned["v"], zoned["g"], zoned["beta"], 7 ** -0.5,
-                               zoned["initial_state"], zoned["cu_seqlens"], True, o, ht)
-    finally:
-        torch.set_num_threads(threads)
-    for check in (*checks, check_o, check_ht):
-        check()
-    o_ref, ht_ref = _oracle(x, use_qk_l2norm=True)
-    assert_close("o", o, o_ref, _fused_tolerance(backend, torch.float32))
-    assert_close("final_state", ht, ht_ref, _fused_tolerance(backend, torch.float32))
 
 
 # ----------------------------------------------------------------------------
