@@ -84,9 +84,11 @@ def _plot(rows, times, path: str) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         raise SystemExit("--plot needs matplotlib: pip install matplotlib")
-    names = [c.name for c, p, _ in rows if p == "ahn" and (c.name, c.peer) in times]
-    speedups = [times[(n, c.peer)] / times[(n, "ahn")] for n, c in
-                ((c.name, c) for c, p, _ in rows if p == "ahn" and (c.name, c.peer) in times)]
+    pairs = [(c.name, times[(c.name, c.peer)] / t) for c, p, t in rows if p == "ahn" and (c.name, c.peer) in times]
+    if not pairs:
+        print("--plot: no case had its peer here; nothing to plot")
+        return
+    names, speedups = zip(*pairs)
     fig, ax = plt.subplots(figsize=(10, 0.45 * len(names) + 1.5))
     ax.barh(names, speedups)
     ax.axvline(1.0, color="k", lw=0.8)
