@@ -116,19 +116,24 @@ def _chunk_gated_delta_rule_bwd(grad_o, grad_ht, q, k, v, g, beta, scale, initia
 _DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # csrc/common/dtype.h DType
 
 
+def _kernel_inputs(g, beta, initial_state, cu_seqlens):
+    """The kernels' contract: gates fp32 (any strides), h0 fp32 contiguous, offsets int64.
+
+    The caller keeps the returned tensors alive until the launch returns (on CUDA, stream
+    order then keeps their memory from being reused before the kernel has read it).
+    """
+    return (None if g is None else g.float(), beta.float(),
+            None if initial_state is None else initial_state.contiguous(),
+            None if cu_seqlens is None else cu_seqlens.long())
+
+
 def run_fused_recurrent(backend, q, k, v, g, beta, scale, initial_state, cu_seqlens, use_qk_l2norm, o, final_state):
     """Run the compiled ("cpu", "cuda") or Triton kernel, writing ``o`` and ``final_state`` in place.
 
     o: [B, T, HS, V] contiguous in q's dtype; final_state: [N, HS, K, V] fp32 contiguous.
     Exposed so that tests can hand the kernel outputs inside red zones.
     """
-    # The kernels' contract: gates fp32 (any strides), h0 fp32 contiguous, offsets int64. These
-    # locals own the converted tensors until the launch returns (and, on CUDA, stream order
-    # keeps their memory from being reused before the kernel has read it).
-    g = None if g is None else g.float()
-    beta = beta.float()
-    h0 = None if initial_state is None else initial_state.contiguous()
-    cu = None if cu_seqlens is None else cu_seqlens.long()
+    g, beta, h0, cu = _kernel_inputs(g, beta, initial_state, cu_seqlens)
     if backend == "triton":
         from .triton_recurrent import fused_recurrent_fwd
         fused_recurrent_fwd(q, k, v, g, beta, scale, h0, cu, use_qk_l2norm, o, final_state)
@@ -189,12 +194,7 @@ def run_chunk(q, k, v, g, beta, scale, initial_state, cu_seqlens, use_qk_l2norm,
     o: [B, T, HS, V] contiguous in q's dtype; final_state: [N, HS, K, V] fp32 contiguous.
     Exposed so that tests can hand the kernel outputs inside red zones.
     """
-    # The kernel's contract, as run_fused_recurrent's: gates fp32, h0 fp32 contiguous, offsets int64.
-    # These locals own the converted tensors until the launch returns.
-    g = None if g is None else g.float()
-    beta = beta.float()
-    h0 = None if initial_state is None else initial_state.contiguous()
-    cu = None if cu_seqlens is None else cu_seqlens.long()
+    g, beta, h0, cu = _kernel_inputs(g, beta, initial_state, cu_seqlens)
     p = _chunk_params(q, k, v, g, beta, scale, h0, cu, use_qk_l2norm, chunk_size, lag_window, lag_sinks)
     p.o, p.ht = o.data_ptr(), final_state.data_ptr()
     _backend._C.launch_chunk_fwd_cpu(p, torch.get_num_threads())
@@ -208,10 +208,7 @@ def run_chunk_bwd(grad_o, grad_ht, q, k, v, g, beta, scale, initial_state, cu_se
     dq, dk, dv: like q, k, v, contiguous; dbeta, dg: [B, T, HS] fp32 contiguous (dg None without g);
     dh0: [N, HS, K, V] fp32 contiguous. Exposed so that tests can hand the outputs inside red zones.
     """
-    g = None if g is None else g.float()
-    beta = beta.float()
-    h0 = None if initial_state is None else initial_state.contiguous()
-    cu = None if cu_seqlens is None else cu_seqlens.long()
+    g, beta, h0, cu = _kernel_inputs(g, beta, initial_state, cu_seqlens)
     pb = _backend._C.ChunkBwdParams()
     pb.fwd = _chunk_params(q, k, v, g, beta, scale, h0, cu, use_qk_l2norm, chunk_size, lag_window, lag_sinks)
     pb.grad_o, pb.grad_ht = grad_o.data_ptr(), grad_ht.data_ptr()
