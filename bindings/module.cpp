@@ -9,11 +9,12 @@
 #include <utility>
 #include <vector>
 
-#include "pointer_field.h"
+#include "fields.h"
 #include "common/check.h"
 #include "delta_rule/delta_rule.h"
 
 namespace py = pybind11;
+using ahn::dtype_field;
 using ahn::pointer_field;
 void bind_ssd(py::module_& m);  // bindings/ssd.cpp
 void bind_swa(py::module_& m);  // bindings/swa.cpp
@@ -122,12 +123,7 @@ PYBIND11_MODULE(_C, m) {
   for (auto [name, field] : sizes_and_strides) params.def_readwrite(name, field);
   params.def_readwrite("scale", &P::scale);
   params.def_readwrite("l2norm", &P::l2norm);
-  params.def_property(
-      "dtype", [](const P& p) { return int(p.dtype); },
-      [](P& p, int code) {
-        AHN_CHECK(code >= 0 && code <= 2, "dtype must be 0 (f32), 1 (f16) or 2 (bf16), got " + std::to_string(code));
-        p.dtype = ahn::DType(code);
-      });
+  dtype_field(params);
 
   m.def(
       "launch_fused_recurrent_fwd_cpu",
@@ -164,12 +160,7 @@ PYBIND11_MODULE(_C, m) {
   for (auto [name, field] : chunk_sizes_and_strides) chunk.def_readwrite(name, field);
   chunk.def_readwrite("scale", &CP::scale);
   chunk.def_readwrite("l2norm", &CP::l2norm);
-  chunk.def_property(
-      "dtype", [](const CP& p) { return int(p.dtype); },
-      [](CP& p, int code) {
-        AHN_CHECK(code >= 0 && code <= 2, "dtype must be 0 (f32), 1 (f16) or 2 (bf16), got " + std::to_string(code));
-        p.dtype = ahn::DType(code);
-      });
+  dtype_field(chunk);
   m.def(
       "launch_chunk_fwd_cpu",
       [](const CP& p, int num_threads) {

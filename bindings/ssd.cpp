@@ -5,11 +5,12 @@
 #include <string>
 #include <utility>
 
-#include "pointer_field.h"
+#include "fields.h"
 #include "common/check.h"
 #include "ssd/ssd.h"
 
 namespace py = pybind11;
+using ahn::dtype_field;
 using ahn::pointer_field;
 
 namespace {
@@ -34,16 +35,6 @@ void check(const ahn::StateUpdateParams& p) {
   AHN_CHECK(p.idx || p.NB >= p.B, "without idx the state needs a slot per row");
   AHN_CHECK(p.H > 0 && p.G > 0 && p.H % p.G == 0, "G must divide H");
   AHN_CHECK(p.P >= 1 && p.P <= 256 && p.NS >= 1 && p.NS <= 256, "P and NS must be in 1..256");
-}
-
-template <class Params>
-void dtype_field(py::class_<Params>& c) {
-  c.def_property(
-      "dtype", [](const Params& p) { return int(p.dtype); },
-      [](Params& p, int code) {
-        AHN_CHECK(code >= 0 && code <= 2, "dtype must be 0 (f32), 1 (f16) or 2 (bf16), got " + std::to_string(code));
-        p.dtype = ahn::DType(code);
-      });
 }
 
 }  // namespace

@@ -6,7 +6,7 @@
 #include <string>
 #include <utility>
 
-#include "pointer_field.h"
+#include "fields.h"
 #include "common/check.h"
 #include "swa/swa.h"
 
@@ -47,12 +47,7 @@ void bind_swa(py::module_& m) {
       {"v_st", &P::v_st}, {"v_sh", &P::v_sh}};
   for (auto [name, field] : sizes_and_strides) params.def_readwrite(name, field);
   params.def_readwrite("scale", &P::scale);
-  params.def_property(
-      "dtype", [](const P& p) { return int(p.dtype); },
-      [](P& p, int code) {
-        AHN_CHECK(code >= 0 && code <= 2, "dtype must be 0 (f32), 1 (f16) or 2 (bf16), got " + std::to_string(code));
-        p.dtype = ahn::DType(code);
-      });
+  ahn::dtype_field(params);
 
   m.def(
       "launch_swa_fwd_cpu",
