@@ -63,7 +63,9 @@ def cmd_bench(args) -> int:
             ratio = f"{times[(case.name, case.peer)] / t:.2f}x"
         gflops = f"{case.flops / t / 1e9:8.1f}" if case.flops and provider == "ahn" else ""
         print(f"{case.name:66s} {provider:13s} {t * 1e3:10.2f} {case.tokens / t:11.0f} {gflops:>8s} {ratio:>9s}")
-    print("speed-up = peer median / ahn median, same run, "
+    dtype = benchmarks.device_and_dtype(device)[1]
+    print(f"torch.matmul 2048x2048 {str(dtype)[6:]}: {benchmarks.matmul_gflops(device, dtype):.1f} GFLOP/s; "
+          "speed-up = peer median / ahn median; all in the same run, "
           f"{torch.get_num_threads()} threads, device {device}")
     if args.plot:
         _plot(rows, times, args.plot)

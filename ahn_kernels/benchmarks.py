@@ -57,6 +57,12 @@ def time_fn(fn: Callable[[], object], *, warmup: int = 1, reps: int = 5) -> floa
     return statistics.median(times)
 
 
+def matmul_gflops(device: str = "cpu", dtype: torch.dtype = torch.float32, n: int = 2048) -> float:
+    """GFLOP/s of ``torch.matmul`` on [n, n] x [n, n]: the machine's dense rate, for context."""
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    return 2.0 * n ** 3 / time_fn(lambda: torch.matmul(a, b), reps=5) / 1e9
+
+
 def _import(module: str, name: str):
     """``module.name`` if importable here, else None."""
     try:
@@ -167,8 +173,9 @@ def _ssd_case(device, dtype, T, H, P, N, G, mode) -> Case:
     Cm = _rand(1, T, G, N, device=device, dtype=dtype, requires_grad=grad)
     dt_bias = torch.randn(H, device=device).requires_grad_(grad)
     inputs = [x, dt, A, Bm, Cm, dt_bias]
+    # FLOPs of the token-serial scan the CPU runs: decay, write and read of the [P, N] state per token.
     case = Case("ssd_chunk_scan", f"B1 T{T} H{H} P{P} N{N} G{G} {str(dtype)[6:]} {mode}", tokens=T,
-                peer="transformers")
+                peer="transformers", flops=None if grad else 4.0 * T * H * P * N)
     kw = dict(dt_bias=dt_bias, dt_softplus=True, return_final_states=True)
     hf = _transformers("mamba2", "mamba2_chunk_scan")
     mamba = _gpu_peer(device, "mamba_ssm.ops.triton.ssd_combined", "mamba_chunk_scan_combined")

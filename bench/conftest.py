@@ -32,13 +32,19 @@ def run_case(benchmark):
 def pytest_terminal_summary(terminalreporter):
     if not _results:
         return
+    from ahn_kernels import benchmarks
+
     tr = terminalreporter
     tr.section("ahn_kernels: speed-up against the peer in the same run")
-    tr.write_line(f"{'case':64s} {'provider':14s} {'median ms':>10s} {'tokens/s':>12s} {'speed-up':>9s}")
+    tr.write_line(f"{'case':64s} {'provider':14s} {'median ms':>10s} {'tokens/s':>12s} {'GFLOP/s':>8s} {'speed-up':>9s}")
     for name, entry in _results.items():
         case, times = entry["case"], entry["times"]
         for provider, t in times.items():
             ratio = ""
             if provider == "ahn" and case.peer in times:
                 ratio = f"{times[case.peer] / t:8.2f}x"
-            tr.write_line(f"{name:64s} {provider:14s} {t * 1e3:10.2f} {case.tokens / t:12.0f} {ratio:>9s}")
+            gflops = f"{case.flops / t / 1e9:8.1f}" if case.flops and provider == "ahn" else ""
+            tr.write_line(f"{name:64s} {provider:14s} {t * 1e3:10.2f} {case.tokens / t:12.0f} {gflops:>8s} {ratio:>9s}")
+    device, dtype = benchmarks.device_and_dtype()
+    tr.write_line(f"torch.matmul 2048x2048 {str(dtype)[6:]} on {device}: "
+                  f"{benchmarks.matmul_gflops(device, dtype):.1f} GFLOP/s (same run)")
