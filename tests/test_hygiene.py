@@ -34,7 +34,7 @@ def _run_offline(tmp_path, args, cwd=None):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("XDG_", "TRITON_", "TORCHINDUCTOR_"))}
     env.update(HOME=str(home), TMPDIR=str(tmp), PYTHONPATH=os.pathsep.join([str(guard), str(REPO)]),
                PYTHONDONTWRITEBYTECODE="1")
-    proc = subprocess.run([sys.executable, *args], cwd=cwd or work, env=env, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, *args], check=False, cwd=cwd or work, env=env, capture_output=True, text=True,
                           timeout=600)
     return proc, {"HOME": home, "TMPDIR": tmp, "cwd": work}
 
