@@ -1,0 +1,159 @@
+// Sliding-window attention decode over the AHN ring-buffer cache, on CPU (fp32 math).
+//
+// A task is (sequence, KV head). It first writes the new token's k/v into its slot (the
+// caller has already folded the token leaving the window into the memory), then runs
+// the G query heads of the group over the valid slots in blocks of BK keys with an online
+// softmax: each block's k/v rows are loaded and converted once for all G heads, and the
+// products go through the register-tiled GEMM (scores [G, BK] = Q kTᵀ, O += P V).
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "common/cpu_gemm.h"
+#include "common/dispatch.h"
+#include "swa/swa.h"
+
+namespace ahn {
+namespace {
+
+constexpr int64_t BK = 64;    // keys per block
+constexpr int64_t kPad = 16;  // D and key columns are padded to the widest vector (16 fp32)
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// Per-thread fp32 scratch, kept across calls (OpenMP reuses its threads), so that a
+// decode step allocates nothing once a thread has served one of this size.
+struct Scratch {
+  int64_t DP = 0, G = 0;
+  std::vector<float> buf;
+  float *Q, *O, *P, *kT, *V, *m, *l;
+
+  void fit(int64_t D, int64_t G_) {
+    if (DP == round_up(D, kPad) && G == G_) return;
+    DP = round_up(D, kPad);
+    G = G_;
+    const int64_t sizes[] = {
+        G * DP,   // Q  [G, DP]   scale · q of the group's query heads
+        G * DP,   // O  [G, DP]   unnormalised output rows
+        G * BK,   // P  [G, BK]   scores, then exp(score - m)
+        DP * BK,  // kT [DP, BK]  the key block, transposed (D rows used)
+        BK * DP,  // V  [BK, DP]  the value block
+        G, G,     // m, l [G]     running max and sum of exp per row
+    };
+    int64_t total = 0;
+    for (int64_t n : sizes) total += n;
+    buf.assign(total, 0.f);  // zero: padding columns stay finite throughout
+    float* ptr = buf.data();
+    float** fields[] = {&Q, &O, &P, &kT, &V, &m, &l};
+    for (int f = 0; f < 7; ++f) {
+      *fields[f] = ptr;
+      ptr += sizes[f];
+    }
+  }
+};
+
+// One block of nk keys (already in kT and V) against the G rows of Q.
+template <class I>
+AHN_INLINE void block_step(Scratch& s, int64_t D, int64_t nk) {
+  const int64_t DP = s.DP, NK = round_up(nk, kPad), G = s.G;
+  gemm<I>(G, NK, D, s.Q, DP, s.kT, BK, s.P, BK, 0.f);  // scores [G, NK]
+  for (int64_t r = 0; r < G; ++r) {
+    float* row = s.P + r * BK;
+    float row_max = kNegInf;
+    for (int64_t c = 0; c < nk; ++c) row_max = std::max(row_max, row[c]);
+    const float m_new = std::max(s.m[r], row_max);
+    float row_sum = 0.f;
+    for (int64_t c = 0; c < nk; ++c) {
+      row[c] = std::exp(row[c] - m_new);
+      row_sum += row[c];
+    }
+    const float alpha = std::exp(s.m[r] - m_new);  // 0 on the first block
+    s.l[r] = s.l[r] * alpha + row_sum;
+    s.m[r] = m_new;
+    if (alpha != 1.f)
+      for (int64_t d = 0; d < DP; ++d) s.O[r * DP + d] *= alpha;
+  }
+  gemm<I>(G, DP, nk, s.P, BK, s.V, DP, s.O, DP, 1.f);  // O += P V
+}
+
+// Built for AVX-512, AVX2+FMA and the baseline, picked once at run time.
+using StepFn = void (*)(Scratch&, int64_t, int64_t);
+#if defined(__GNUC__) && defined(__x86_64__)
+__attribute__((target("arch=x86-64-v4"))) void block_step_avx512(Scratch& s, int64_t D, int64_t nk) {
+  block_step<Avx512>(s, D, nk);
+}
+__attribute__((target("arch=x86-64-v3"))) void block_step_avx2(Scratch& s, int64_t D, int64_t nk) {
+  block_step<Avx2>(s, D, nk);
+}
+#endif
+void block_step_baseline(Scratch& s, int64_t D, int64_t nk) { block_step<Baseline>(s, D, nk); }
+
+StepFn pick_block_step() {
+  switch (cpu_isa()) {
+#if defined(__GNUC__) && defined(__x86_64__)
+    case CpuIsa::avx512: return block_step_avx512;
+    case CpuIsa::avx2: return block_step_avx2;
+#endif
+    default: return block_step_baseline;
+  }
+}
+
+// One task: sequence b, KV head hk.
+template <class T>
+void run_task(const SwaDecodeParams& p, Scratch& s, int64_t b, int64_t hk, StepFn step) {
+  const int64_t G = p.HQ / p.HK, D = p.D, DP = s.DP;
+  const int64_t pos = p.cache_seqlens[b];
+  const int64_t slot = pos < p.S ? pos : p.S + (pos - p.S) % p.W;
+  T* kc = static_cast<T*>(p.k_cache) + b * p.kc_sb + hk * p.kc_sh;
+  T* vc = static_cast<T*>(p.v_cache) + b * p.vc_sb + hk * p.vc_sh;
+  std::memcpy(kc + slot * p.kc_st, static_cast<const T*>(p.k_new) + b * p.kn_sb + hk * p.kn_sh, D * sizeof(T));
+  std::memcpy(vc + slot * p.vc_st, static_cast<const T*>(p.v_new) + b * p.vn_sb + hk * p.vn_sh, D * sizeof(T));
+
+  for (int64_t r = 0; r < G; ++r) {
+    const T* qr = static_cast<const T*>(p.q) + b * p.q_sb + (hk * G + r) * p.q_sh;
+    for (int64_t d = 0; d < D; ++d) s.Q[r * DP + d] = p.scale * to_f32(qr[d]);
+    std::fill(s.O + r * DP, s.O + (r + 1) * DP, 0.f);
+    s.m[r] = kNegInf;
+    s.l[r] = 0.f;
+  }
+  // Slots 0 .. min(pos, S + W - 1) hold valid tokens; the others were never written.
+  const int64_t n = std::min(pos + 1, p.S + p.W);
+  for (int64_t j0 = 0; j0 < n; j0 += BK) {
+    const int64_t nk = std::min(BK, n - j0);
+    for (int64_t c = 0; c < nk; ++c) {
+      const T* kr = kc + (j0 + c) * p.kc_st;
+      const T* vr = vc + (j0 + c) * p.vc_st;
+      for (int64_t d = 0; d < D; ++d) s.kT[d * BK + c] = to_f32(kr[d]);
+      for (int64_t d = 0; d < D; ++d) s.V[c * DP + d] = to_f32(vr[d]);
+    }
+    step(s, D, nk);
+  }
+  for (int64_t r = 0; r < G; ++r) {
+    T* out = static_cast<T*>(p.o) + (b * p.HQ + hk * G + r) * D;
+    const float inv = 1.f / s.l[r];  // l >= 1: the row's maximum contributes exp(0)
+    for (int64_t d = 0; d < D; ++d) out[d] = from_f32<T>(s.O[r * DP + d] * inv);  // the one downcast
+  }
+}
+
+template <class T>
+void run(const SwaDecodeParams& p, int num_threads) {
+  const int64_t HK = p.HK, tasks = p.B * HK;
+  static const StepFn step = pick_block_step();
+#pragma omp parallel num_threads(num_threads)
+  {
+    static thread_local Scratch s;
+    s.fit(p.D, p.HQ / HK);
+#pragma omp for schedule(static)
+    for (int64_t task = 0; task < tasks; ++task) run_task<T>(p, s, task / HK, task % HK, step);
+  }
+}
+
+}  // namespace
+
+void launch_swa_decode_cpu(const SwaDecodeParams& p, int num_threads) {
+  dispatch_dtype(p.dtype, [&](auto tag) { run<decltype(tag)>(p, std::max(num_threads, 1)); });
+}
+
+}  // namespace ahn
