@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "common/cpu_gemm.h"
@@ -54,41 +55,79 @@ struct Scratch {
   }
 };
 
-// One block of nk keys (already in kT and V) against the G rows of Q.
+// exp(x) for x <= 0, 0 below -87 (Cephes' expf polynomial, about 1 ulp; the same
+// approximation as the forward kernel's). A scalar expf per score (G per key) cost
+// more than loading and multiplying the key.
 template <class I>
-AHN_INLINE void block_step(Scratch& s, int64_t D, int64_t nk) {
+AHN_INLINE typename I::vec vexp(typename I::vec x) {
+  using V = typename I::vec;
+  using IV = typename I::ivec;
+  const V lo = V{} - 87.f;
+  const IV under = x < lo;
+  x = under ? lo : x;
+  const V magic = V{} + 12582912.f;  // 1.5 · 2^23: adding it rounds to an integer
+  const V n = (x * 1.44269504088896341f + magic) - magic;
+  const V r = x - n * 0.693359375f + n * 2.12194440e-4f;  // x - n ln 2 in two parts (Cody-Waite)
+  V y = r * 1.9875691500e-4f + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * r * r + r + 1.f;
+  const IV e = __builtin_convertvector(n, IV) << 23;  // 2^n into the exponent field
+  return (V)(((IV)y + e) & ~under);
+}
+
+// One block of nk keys (in kT) and values (vb, row stride ldv) against the G rows of Q.
+template <class I>
+AHN_INLINE void block_step(Scratch& s, int64_t D, int64_t nk, const float* vb, int64_t ldv) {
+  using V = typename I::vec;
+  constexpr int L = I::L;
   const int64_t DP = s.DP, NK = round_up(nk, kPad), G = s.G;
   gemm<I>(G, NK, D, s.Q, DP, s.kT, BK, s.P, BK, 0.f);  // scores [G, NK]
   for (int64_t r = 0; r < G; ++r) {
     float* row = s.P + r * BK;
-    float row_max = kNegInf;
-    for (int64_t c = 0; c < nk; ++c) row_max = std::max(row_max, row[c]);
-    const float m_new = std::max(s.m[r], row_max);
-    float row_sum = 0.f;
-    for (int64_t c = 0; c < nk; ++c) {
-      row[c] = std::exp(row[c] - m_new);
-      row_sum += row[c];
+    for (int64_t c = nk; c < NK; ++c) row[c] = kNegInf;  // padding columns: exp gives 0
+    V vmax = load<V>(row);
+    for (int64_t c = L; c < NK; c += L) {
+      const V x = load<V>(row + c);
+      vmax = x > vmax ? x : vmax;
     }
+    float row_max = vmax[0];
+    for (int j = 1; j < L; ++j) row_max = std::max(row_max, vmax[j]);
+    const float m_new = std::max(s.m[r], row_max);
+    V vsum = {};
+    for (int64_t c = 0; c < NK; c += L) {
+      const V e = vexp<I>(load<V>(row + c) - m_new);
+      store<V>(row + c, e);
+      vsum += e;
+    }
+    float row_sum = 0.f;
+    for (int j = 0; j < L; ++j) row_sum += vsum[j];
     const float alpha = std::exp(s.m[r] - m_new);  // 0 on the first block
     s.l[r] = s.l[r] * alpha + row_sum;
     s.m[r] = m_new;
     if (alpha != 1.f)
       for (int64_t d = 0; d < DP; ++d) s.O[r * DP + d] *= alpha;
   }
-  gemm<I>(G, DP, nk, s.P, BK, s.V, DP, s.O, DP, 1.f);  // O += P V
+  gemm<I>(G, DP, nk, s.P, BK, vb, ldv, s.O, DP, 1.f);  // O += P V
 }
 
 // Built for AVX-512, AVX2+FMA and the baseline, picked once at run time.
-using StepFn = void (*)(Scratch&, int64_t, int64_t);
+using StepFn = void (*)(Scratch&, int64_t, int64_t, const float*, int64_t);
 #if defined(__GNUC__) && defined(__x86_64__)
-__attribute__((target("arch=x86-64-v4"))) void block_step_avx512(Scratch& s, int64_t D, int64_t nk) {
-  block_step<Avx512>(s, D, nk);
+__attribute__((target("arch=x86-64-v4"))) void block_step_avx512(Scratch& s, int64_t D, int64_t nk,
+                                                                   const float* vb, int64_t ldv) {
+  block_step<Avx512>(s, D, nk, vb, ldv);
 }
-__attribute__((target("arch=x86-64-v3"))) void block_step_avx2(Scratch& s, int64_t D, int64_t nk) {
-  block_step<Avx2>(s, D, nk);
+__attribute__((target("arch=x86-64-v3"))) void block_step_avx2(Scratch& s, int64_t D, int64_t nk,
+                                                                 const float* vb, int64_t ldv) {
+  block_step<Avx2>(s, D, nk, vb, ldv);
 }
 #endif
-void block_step_baseline(Scratch& s, int64_t D, int64_t nk) { block_step<Baseline>(s, D, nk); }
+void block_step_baseline(Scratch& s, int64_t D, int64_t nk, const float* vb, int64_t ldv) {
+  block_step<Baseline>(s, D, nk, vb, ldv);
+}
 
 StepFn pick_block_step() {
   switch (cpu_isa()) {
@@ -120,15 +159,24 @@ void run_task(const SwaDecodeParams& p, Scratch& s, int64_t b, int64_t hk, StepF
   }
   // Slots 0 .. min(pos, S + W - 1) hold valid tokens; the others were never written.
   const int64_t n = std::min(pos + 1, p.S + p.W);
+  // fp32 values whose rows need no padding are multiplied in place, not copied.
+  constexpr bool kF32 = std::is_same_v<T, float>;
+  const bool in_place = kF32 && D == DP;
   for (int64_t j0 = 0; j0 < n; j0 += BK) {
     const int64_t nk = std::min(BK, n - j0);
     for (int64_t c = 0; c < nk; ++c) {
       const T* kr = kc + (j0 + c) * p.kc_st;
-      const T* vr = vc + (j0 + c) * p.vc_st;
       for (int64_t d = 0; d < D; ++d) s.kT[d * BK + c] = to_f32(kr[d]);
-      for (int64_t d = 0; d < D; ++d) s.V[c * DP + d] = to_f32(vr[d]);
+      if (!in_place) {
+        const T* vr = vc + (j0 + c) * p.vc_st;
+        for (int64_t d = 0; d < D; ++d) s.V[c * DP + d] = to_f32(vr[d]);
+      }
     }
-    step(s, D, nk);
+    const float* vb = s.V;
+    int64_t ldv = DP;
+    if constexpr (kF32)
+      if (in_place) vb = vc + j0 * p.vc_st, ldv = p.vc_st;
+    step(s, D, nk, vb, ldv);
   }
   for (int64_t r = 0; r < G; ++r) {
     T* out = static_cast<T*>(p.o) + (b * p.HQ + hk * G + r) * D;
