@@ -101,7 +101,13 @@ class AHNCache:
         Returns:
             (attn_out [B, T, HQ, D], mem_out [B, T, HS, D]).
         """
-        N = self.positions.shape[0]
+        N, HK, D = self.positions.shape[0], self.k.shape[2], self.k.shape[3]
+        check.tensor("q", q, ndim=4, dims="B T HQ D")
+        check.shape("q", q, (None, None, None, D), "B T HQ D")
+        for name, x in (("k", k), ("v", v)):  # the cache's layout, checked before any gather
+            check.tensor(name, x, ndim=4, dims="B T HK D")
+            check.shape(name, x, (*q.shape[:2], HK, D), "B T HK D")
+        check.same_dtype("k_cache", self.k, q=q, k=k, v=v)
         check.tensor("gates", gates, ndim=4, dims="B T HS n_gates", dtypes=(torch.float32,))
         check.shape("gates", gates, (*q.shape[:2], *self.gates.shape[2:]), "B T HS n_gates")
         n = check.cu_seqlens(cu_seqlens, q, q.shape[0], q.shape[1])
