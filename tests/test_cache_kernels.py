@@ -130,6 +130,36 @@ def test_evict_update_kernel(dtype, rule, W, S, HQ, HK, D):
         "1 vs 2 threads"
 
 
+@pytest.mark.parametrize("rule", AHN_RULES)
+def test_strided_views(rule):
+    """Views as a model hands them over: q, k, v split from one projection; k and v caches
+    interleaved in one buffer; a state and a gate ring that are rows of larger buffers."""
+    W, S, HQ, HK, D = 4, 2, 4, 2, 16
+    pos = _positions(W, S)
+    B, HS = len(pos), HQ
+    qkv = torch.randn(B, 1, HQ + 2 * HK, D)  # [B, 1, HQ + 2 HK, D]
+    q, kn, vn = qkv[:, :, :HQ], qkv[:, :, HQ:HQ + HK], qkv[:, :, HQ + HK:]
+    kv = torch.randn(B, S + W, 2, HK, D)  # [B, S + W, 2, HK, D]
+    kc, vc = kv[:, :, 0], kv[:, :, 1]
+    state = torch.randn(B, HS + 1, D, D)[:, 1:] * 0.3  # [B, HS, D, D], a slice along heads
+    gates = ahn_gates(rule, B, W, HS + 2)[:, :, 1:-1]  # [B, W, HS, n_gates], strided heads
+    gates_new, A = ahn_gates(rule, B, HS), (ahn_A(HS) if rule == "ssd" else None)
+    seqlens = torch.tensor(pos, dtype=torch.int32)
+    scale = D ** -0.5
+    want_state, want_gates = state.double(), gates.clone()
+    want_mem = cache_reference.evict_update(want_state, q.double(), kc.double(), vc.double(), want_gates,
+                                            gates_new, seqlens, W, S, rule, scale, A)
+    want_k, want_v = kc.double(), vc.double()
+    want_attn = swa_reference.decode(q.double(), want_k, want_v, kn.double(), vn.double(), seqlens, W, S, scale)
+    mem = cache_op.ahn_evict_update(state, q, kc, vc, gates, gates_new, seqlens, W, S, rule, scale, A)
+    attn = swa_op.swa_decode(q, kc, vc, kn, vn, seqlens, W, S, scale)
+    assert_close("o_mem", mem, want_mem, CPU_KERNEL_FP32)
+    assert_close("state", state, want_state, CPU_KERNEL_FP32)
+    assert torch.equal(gates, want_gates)
+    assert_close("attn", attn, want_attn, CPU_KERNEL_FP32)
+    assert torch.equal(kc.double(), want_k) and torch.equal(vc.double(), want_v)
+
+
 def test_kernels_serve_the_ops():
     """The public ops reach the compiled kernels on CPU (the reference would run only for fp64)."""
     assert _backend.choose("swa_decode", "cpu") == "cpu"
