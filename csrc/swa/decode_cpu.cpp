@@ -3,8 +3,11 @@
 // A task is (sequence, KV head). It first writes the new token's k/v into its slot (the
 // caller has already folded the token leaving the window into the memory), then runs
 // the G query heads of the group over the valid slots in blocks of BK keys with an online
-// softmax: each block's k/v rows are loaded and converted once for all G heads, and the
-// products go through the register-tiled GEMM (scores [G, BK] = Q kTᵀ, O += P V).
+// softmax: each block's k/v rows are loaded once for all G heads, and the products go
+// through the register-tiled GEMM with the keys as rows: scoresᵀ [BK, GP] = K Qᵀ, then
+// O [G, D] += Pᵀᵀ V. Keys as rows means no transpose: fp32 k (and v, when D needs no
+// padding) are multiplied where they lie in the cache; f16/bf16 rows are converted once.
+// The softmax runs across keys with the G heads in vector lanes (GP = G padded to 16).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -27,27 +30,28 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 // Per-thread fp32 scratch, kept across calls (OpenMP reuses its threads), so that a
 // decode step allocates nothing once a thread has served one of this size.
 struct Scratch {
-  int64_t DP = 0, G = 0;
+  int64_t DP = 0, GP = 0, G = 0;
   std::vector<float> buf;
-  float *Q, *O, *P, *kT, *V, *m, *l;
+  float *Qt, *O, *St, *K, *V, *m, *l;
 
   void fit(int64_t D, int64_t G_) {
     if (DP == round_up(D, kPad) && G == G_) return;
     DP = round_up(D, kPad);
     G = G_;
+    GP = round_up(G, kPad);
     const int64_t sizes[] = {
-        G * DP,   // Q  [G, DP]   scale · q of the group's query heads
+        DP * GP,  // Qt [DP, GP]  scale · qᵀ of the group's query heads (padding zero)
         G * DP,   // O  [G, DP]   unnormalised output rows
-        G * BK,   // P  [G, BK]   scores, then exp(score - m)
-        DP * BK,  // kT [DP, BK]  the key block, transposed (D rows used)
-        BK * DP,  // V  [BK, DP]  the value block
-        G, G,     // m, l [G]     running max and sum of exp per row
+        BK * GP,  // St [BK, GP]  scoresᵀ, then exp(score - m)
+        BK * DP,  // K  [BK, DP]  the key block in fp32 (f16/bf16 keys)
+        BK * DP,  // V  [BK, DP]  the value block in fp32 (f16/bf16 or padded values)
+        GP, GP,   // m, l [GP]    running max and sum of exp per head
     };
     int64_t total = 0;
     for (int64_t n : sizes) total += n;
-    buf.assign(total, 0.f);  // zero: padding columns stay finite throughout
+    buf.assign(total, 0.f);  // zero: padding stays finite throughout
     float* ptr = buf.data();
-    float** fields[] = {&Q, &O, &P, &kT, &V, &m, &l};
+    float** fields[] = {&Qt, &O, &St, &K, &V, &m, &l};
     for (int f = 0; f < 7; ++f) {
       *fields[f] = ptr;
       ptr += sizes[f];
@@ -78,55 +82,53 @@ AHN_INLINE typename I::vec vexp(typename I::vec x) {
   return (V)(((IV)y + e) & ~under);
 }
 
-// One block of nk keys (in kT) and values (vb, row stride ldv) against the G rows of Q.
+// One block of nk keys (kb, row stride ldk) and values (vb, row stride ldv).
 template <class I>
-AHN_INLINE void block_step(Scratch& s, int64_t D, int64_t nk, const float* vb, int64_t ldv) {
+AHN_INLINE void block_step(Scratch& s, int64_t D, int64_t nk, const float* kb, int64_t ldk, const float* vb,
+                           int64_t ldv) {
   using V = typename I::vec;
   constexpr int L = I::L;
-  const int64_t DP = s.DP, NK = round_up(nk, kPad), G = s.G;
-  gemm<I>(G, NK, D, s.Q, DP, s.kT, BK, s.P, BK, 0.f);  // scores [G, NK]
-  for (int64_t r = 0; r < G; ++r) {
-    float* row = s.P + r * BK;
-    for (int64_t c = nk; c < NK; ++c) row[c] = kNegInf;  // padding columns: exp gives 0
-    V vmax = load<V>(row);
-    for (int64_t c = L; c < NK; c += L) {
-      const V x = load<V>(row + c);
+  const int64_t GP = s.GP, DP = s.DP;
+  gemm<I>(nk, GP, D, kb, ldk, s.Qt, GP, s.St, GP, 0.f);  // scoresᵀ [nk, GP]
+  for (int64_t g0 = 0; g0 < GP; g0 += L) {  // L heads at a time, one per lane
+    V vmax = load<V>(s.St + g0);
+    for (int64_t c = 1; c < nk; ++c) {
+      const V x = load<V>(s.St + c * GP + g0);
       vmax = x > vmax ? x : vmax;
     }
-    float row_max = vmax[0];
-    for (int j = 1; j < L; ++j) row_max = std::max(row_max, vmax[j]);
-    const float m_new = std::max(s.m[r], row_max);
+    const V m_old = load<V>(s.m + g0);
+    const V m_new = m_old > vmax ? m_old : vmax;
     V vsum = {};
-    for (int64_t c = 0; c < NK; c += L) {
-      const V e = vexp<I>(load<V>(row + c) - m_new);
-      store<V>(row + c, e);
+    for (int64_t c = 0; c < nk; ++c) {
+      const V e = vexp<I>(load<V>(s.St + c * GP + g0) - m_new);
+      store<V>(s.St + c * GP + g0, e);
       vsum += e;
     }
-    float row_sum = 0.f;
-    for (int j = 0; j < L; ++j) row_sum += vsum[j];
-    const float alpha = std::exp(s.m[r] - m_new);  // 0 on the first block
-    s.l[r] = s.l[r] * alpha + row_sum;
-    s.m[r] = m_new;
-    if (alpha != 1.f)
-      for (int64_t d = 0; d < DP; ++d) s.O[r * DP + d] *= alpha;
+    const V alpha = vexp<I>(m_old - m_new);  // 0 on the first block (m_old = -inf)
+    store<V>(s.l + g0, load<V>(s.l + g0) * alpha + vsum);
+    store<V>(s.m + g0, m_new);
+    for (int64_t j = 0; j < L && g0 + j < s.G; ++j)
+      if (alpha[j] != 1.f)
+        for (int64_t d = 0; d < DP; ++d) s.O[(g0 + j) * DP + d] *= alpha[j];
   }
-  gemm<I>(G, DP, nk, s.P, BK, vb, ldv, s.O, DP, 1.f);  // O += P V
+  gemm<I, true>(s.G, DP, nk, s.St, GP, vb, ldv, s.O, DP, 1.f);  // O += P V, P given as Pᵀ = St
 }
 
 // Built for AVX-512, AVX2+FMA and the baseline, picked once at run time.
-using StepFn = void (*)(Scratch&, int64_t, int64_t, const float*, int64_t);
+using StepFn = void (*)(Scratch&, int64_t, int64_t, const float*, int64_t, const float*, int64_t);
 #if defined(__GNUC__) && defined(__x86_64__)
-__attribute__((target("arch=x86-64-v4"))) void block_step_avx512(Scratch& s, int64_t D, int64_t nk,
-                                                                   const float* vb, int64_t ldv) {
-  block_step<Avx512>(s, D, nk, vb, ldv);
+__attribute__((target("arch=x86-64-v4"))) void block_step_avx512(Scratch& s, int64_t D, int64_t nk, const float* kb,
+                                                                   int64_t ldk, const float* vb, int64_t ldv) {
+  block_step<Avx512>(s, D, nk, kb, ldk, vb, ldv);
 }
-__attribute__((target("arch=x86-64-v3"))) void block_step_avx2(Scratch& s, int64_t D, int64_t nk,
-                                                                 const float* vb, int64_t ldv) {
-  block_step<Avx2>(s, D, nk, vb, ldv);
+__attribute__((target("arch=x86-64-v3"))) void block_step_avx2(Scratch& s, int64_t D, int64_t nk, const float* kb,
+                                                                 int64_t ldk, const float* vb, int64_t ldv) {
+  block_step<Avx2>(s, D, nk, kb, ldk, vb, ldv);
 }
 #endif
-void block_step_baseline(Scratch& s, int64_t D, int64_t nk, const float* vb, int64_t ldv) {
-  block_step<Baseline>(s, D, nk, vb, ldv);
+void block_step_baseline(Scratch& s, int64_t D, int64_t nk, const float* kb, int64_t ldk, const float* vb,
+                         int64_t ldv) {
+  block_step<Baseline>(s, D, nk, kb, ldk, vb, ldv);
 }
 
 StepFn pick_block_step() {
@@ -152,31 +154,33 @@ void run_task(const SwaDecodeParams& p, Scratch& s, int64_t b, int64_t hk, StepF
 
   for (int64_t r = 0; r < G; ++r) {
     const T* qr = static_cast<const T*>(p.q) + b * p.q_sb + (hk * G + r) * p.q_sh;
-    for (int64_t d = 0; d < D; ++d) s.Q[r * DP + d] = p.scale * to_f32(qr[d]);
+    for (int64_t d = 0; d < D; ++d) s.Qt[d * s.GP + r] = p.scale * to_f32(qr[d]);
     std::fill(s.O + r * DP, s.O + (r + 1) * DP, 0.f);
-    s.m[r] = kNegInf;
-    s.l[r] = 0.f;
   }
+  std::fill(s.m, s.m + s.GP, kNegInf);
+  std::fill(s.l, s.l + s.GP, 0.f);
   // Slots 0 .. min(pos, S + W - 1) hold valid tokens; the others were never written.
   const int64_t n = std::min(pos + 1, p.S + p.W);
-  // fp32 values whose rows need no padding are multiplied in place, not copied.
   constexpr bool kF32 = std::is_same_v<T, float>;
-  const bool in_place = kF32 && D == DP;
+  const bool v_in_place = kF32 && D == DP;  // gemm reads DP columns of each value row
   for (int64_t j0 = 0; j0 < n; j0 += BK) {
     const int64_t nk = std::min(BK, n - j0);
+    const float *kb = s.K, *vb = s.V;
+    int64_t ldk = DP, ldv = DP;
+    if constexpr (kF32) kb = kc + j0 * p.kc_st, ldk = p.kc_st;  // gemm reads D columns of each key row
+    if constexpr (kF32)
+      if (v_in_place) vb = vc + j0 * p.vc_st, ldv = p.vc_st;
     for (int64_t c = 0; c < nk; ++c) {
-      const T* kr = kc + (j0 + c) * p.kc_st;
-      for (int64_t d = 0; d < D; ++d) s.kT[d * BK + c] = to_f32(kr[d]);
-      if (!in_place) {
+      if (!kF32) {
+        const T* kr = kc + (j0 + c) * p.kc_st;
+        for (int64_t d = 0; d < D; ++d) s.K[c * DP + d] = to_f32(kr[d]);
+      }
+      if (!v_in_place) {
         const T* vr = vc + (j0 + c) * p.vc_st;
         for (int64_t d = 0; d < D; ++d) s.V[c * DP + d] = to_f32(vr[d]);
       }
     }
-    const float* vb = s.V;
-    int64_t ldv = DP;
-    if constexpr (kF32)
-      if (in_place) vb = vc + j0 * p.vc_st, ldv = p.vc_st;
-    step(s, D, nk, vb, ldv);
+    step(s, D, nk, kb, ldk, vb, ldv);
   }
   for (int64_t r = 0; r < G; ++r) {
     T* out = static_cast<T*>(p.o) + (b * p.HQ + hk * G + r) * D;
