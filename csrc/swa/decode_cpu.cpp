@@ -5,9 +5,11 @@
 // the G query heads of the group over the valid slots in blocks of BK keys with an online
 // softmax: each block's k/v rows are loaded once for all G heads, and the products go
 // through the register-tiled GEMM with the keys as rows: scoresᵀ [BK, GP] = K Qᵀ, then
-// O [G, D] += Pᵀᵀ V. Keys as rows means no transpose: fp32 k (and v, when D needs no
-// padding) are multiplied where they lie in the cache; f16/bf16 rows are converted once.
-// The softmax runs across keys with the G heads in vector lanes (GP = G padded to 16).
+// O [G, D] += P V, P read from its transpose. Keys as rows means no transpose of the
+// cache: fp32 k (and v, when D needs no padding) are multiplied where they lie; f16/bf16
+// rows are converted once. The softmax runs across keys with the G heads in vector lanes
+// (GP = G padded to 16). Transposing each key block instead cost 3-8x the whole step
+// (single thread, W = 4096, HQ = 16, HK = 2, D = 128: 11-14 ms against 1.7-4.5 ms).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
