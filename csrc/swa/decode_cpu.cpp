@@ -8,8 +8,9 @@
 // O [G, D] += P V, P read from its transpose. Keys as rows means no transpose of the
 // cache: fp32 k (and v, when D needs no padding) are multiplied where they lie; f16/bf16
 // rows are converted once. The softmax runs across keys with the G heads in vector lanes
-// (GP = G padded to 16). Transposing each key block instead cost 3-8x the whole step
-// (single thread, W = 4096, HQ = 16, HK = 2, D = 128: 11-14 ms against 1.7-4.5 ms).
+// (GP = G padded to 16). Transposing each key block instead made the kernel 3-8x slower
+// (single thread, W = 4096, S = 64, HQ = 16, HK = 2, D = 128, fp32: 11-14 ms against
+// 1.7-4.5 ms on a shared, loaded machine).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
