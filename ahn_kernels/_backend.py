@@ -48,8 +48,8 @@ KERNELS: dict[str, dict[str, tuple[str, ...]]] = {
     "ssd_state_update": {"cpu": ("cpu",), "cuda": ()},
     "swa_attention": {"cpu": ("cpu",), "cuda": ()},
     "swa_attention_bwd": {"cpu": (), "cuda": ()},
-    "swa_decode": {"cpu": (), "cuda": ()},
-    "ahn_evict_update": {"cpu": (), "cuda": ()},
+    "swa_decode": {"cpu": ("cpu",), "cuda": ()},
+    "ahn_evict_update": {"cpu": ("cpu",), "cuda": ()},
 }
 
 _local = threading.local()

@@ -248,6 +248,93 @@ def swa_cases(device="cpu", dtype=torch.float32, T=4096, HQ=16, HK=2, D=128, W=5
     return [_swa_case(device, dtype, T, HQ, HK, D, W, S, mode) for mode in ("fwd", "fwd+bwd")]
 
 
+# ----------------------------------------------------------------------------
+# AHN decode step (evict + memory update + attention) over the ring-buffer cache
+# ----------------------------------------------------------------------------
+def _l2norm(x: torch.Tensor) -> torch.Tensor:
+    return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + 1e-6)
+
+
+class ConcatTrimDecode:
+    """The paper's gated-DeltaNet AHN decode step, re-expressed in plain PyTorch (the decode baseline).
+
+    Its KV cache keeps the sinks and the window in position order, [B, HK, S + W, D]
+    (Hugging Face's layout), and its gate cache [B, W, HS, 2] in arrival order. A step
+    appends the new k/v with ``torch.cat``, repeats k/v over the query heads of each
+    group (``repeat_kv``), concatenates again without the evicted key (index S) for
+    attention (SDPA here, flash-attention in the paper), runs the recurrent memory step
+    on the evicted token (GQA-expanded, in torch), then trims the evicted token from
+    the K/V and gate caches by concatenation. About four window copies per step.
+    """
+
+    def __init__(self, B, HQ, HK, D, W, S, device, dtype):
+        self.S, self.G = S, HQ // HK
+        self.k = torch.randn(B, HK, S + W, D, device=device, dtype=dtype)  # [B, HK, S + W, D]
+        self.v = torch.randn(B, HK, S + W, D, device=device, dtype=dtype)  # [B, HK, S + W, D]
+        self.gates = _decode_gates(B, W, HQ, device=device)  # [B, W, HS, 2]
+        self.state = torch.zeros(B, HQ, D, D, device=device)  # [B, HS, K, V] fp32
+
+    def step(self, q, k, v, gates_new):
+        """q [B, 1, HQ, D]; k, v [B, 1, HK, D]; gates_new [B, HS, 2] -> (attn [B, 1, HQ, D], mem [B, 1, HS, D])."""
+        S, G = self.S, self.G
+        k_all = torch.cat([self.k, k.transpose(1, 2)], dim=2)  # [B, HK, S + W + 1, D]
+        v_all = torch.cat([self.v, v.transpose(1, 2)], dim=2)
+        k_rep, v_rep = (x.repeat_interleave(G, dim=1) for x in (k_all, v_all))  # [B, HQ, S + W + 1, D]
+        k_att = torch.cat([k_rep[:, :, :S], k_rep[:, :, S + 1:]], dim=2)  # [B, HQ, S + W, D]
+        v_att = torch.cat([v_rep[:, :, :S], v_rep[:, :, S + 1:]], dim=2)
+        attn = F.scaled_dot_product_attention(q.transpose(1, 2), k_att, v_att).transpose(1, 2)
+        # memory: the evicted token (index S) with its arrival-time gates (the oldest in the gate cache)
+        k_e = _l2norm(k_rep[:, :, S].float())  # [B, HS, K]
+        v_e = v_rep[:, :, S].float()  # [B, HS, V]
+        beta, g = self.gates[:, 0, :, 0], self.gates[:, 0, :, 1]  # [B, HS]
+        state = torch.exp(g)[..., None, None] * self.state
+        err = v_e - torch.einsum("bhkv,bhk->bhv", state, k_e)
+        self.state = state + beta[..., None, None] * k_e[..., :, None] * err[..., None, :]
+        mem = torch.einsum("bhkv,bhk->bhv", self.state, _l2norm(q[:, 0].float())) * q.shape[-1] ** -0.5
+        self.k = torch.cat([k_all[:, :, :S], k_all[:, :, S + 1:]], dim=2).contiguous()
+        self.v = torch.cat([v_all[:, :, :S], v_all[:, :, S + 1:]], dim=2).contiguous()
+        self.gates = torch.cat([self.gates[:, 1:], gates_new[:, None]], dim=1)
+        return attn, mem[:, None].to(q.dtype)
+
+
+def _decode_gates(*shape, device) -> torch.Tensor:
+    """Gated-DeltaNet gates [*shape, 2] fp32: β in (0, 1), log-decay g < 0."""
+    return torch.stack([torch.rand(*shape, device=device), F.logsigmoid(torch.randn(*shape, device=device))], -1)
+
+
+def decode_cases(device="cpu", dtype=torch.float32, W=4096, HQ=16, HK=2, D=128, S=64, B=1) -> list[Case]:
+    """One AHN decode step (gated DeltaNet memory) with a full window: every step evicts a token.
+
+    ``ahn`` is ``AHNCache.step`` (``ahn_evict_update`` + ``swa_decode``, in place);
+    ``concat_trim`` the paper's procedure in plain PyTorch (``ConcatTrimDecode``);
+    ``flash_attn`` (GPU) only the attention part, ``flash_attn_with_kvcache`` appending
+    in place over a window of W + S keys (it has no sinks and no memory): a lower bound.
+    """
+    q = _rand(B, 1, HQ, D, device=device, dtype=dtype)
+    k = _rand(B, 1, HK, D, device=device, dtype=dtype)
+    v = _rand(B, 1, HK, D, device=device, dtype=dtype)
+    gates = _decode_gates(B, HQ, device=device)  # [B, HS, 2]
+    cache = ak.AHNCache.empty(B, W, S, HK, D, HQ, "gated_delta", dtype, device)
+    for buf in (cache.k, cache.v):
+        buf.normal_()
+    cache.gates.copy_(_decode_gates(B, W, HQ, device=device))
+    # The position stays put: each timed call is the same step, evicting, at a wrapped ring index.
+    cache.positions.fill_(S + 3 * W + 5)
+    baseline = ConcatTrimDecode(B, HQ, HK, D, W, S, device, dtype)
+    case = Case("ahn_decode_step", f"B{B} HQ{HQ} HK{HK} D{D} W{W} S{S} gated_delta {str(dtype)[6:]}", tokens=B,
+                peer="concat_trim")
+    _add(case, "ahn", lambda: cache.step(q, k, v, gates), [], False)
+    _add(case, "concat_trim", lambda: baseline.step(q, k, v, gates), [], False)
+    fa = _gpu_peer(device, "flash_attn", "flash_attn_with_kvcache")
+    if fa is not None:
+        kc = _rand(B, S + W + 1, HK, D, device=device, dtype=dtype)  # [B, S + W + 1, HK, D]
+        vc = _rand(B, S + W + 1, HK, D, device=device, dtype=dtype)
+        seqlens = torch.full((B,), S + W, dtype=torch.int32, device=device)
+        _add(case, "flash_attn", lambda: fa(q, kc, vc, k, v, cache_seqlens=seqlens, causal=True,
+                                            window_size=(W + S - 1, 0)), [], False)
+    return [case]
+
+
 def device_and_dtype(device: str | None = None) -> tuple[str, torch.dtype]:
     """Where benchmarks run (the GPU when present) and in which dtype (bf16 there: the GPU peers' dtype)."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -262,4 +349,5 @@ def default_cases(device="cpu", quick: bool = False) -> list[Case]:
             + chunk_gated_delta_rule_cases(device, dtype, T=4096 // s)
             + ssd_cases(device, dtype, T=4096 // s)
             + ssd_state_update_cases(device, dtype)
-            + swa_cases(device, dtype, T=4096 // s))
+            + swa_cases(device, dtype, T=4096 // s)
+            + decode_cases(device, dtype))

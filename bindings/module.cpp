@@ -16,8 +16,10 @@
 namespace py = pybind11;
 using ahn::dtype_field;
 using ahn::pointer_field;
+void bind_cache(py::module_& m);  // bindings/cache.cpp
 void bind_ssd(py::module_& m);  // bindings/ssd.cpp
 void bind_swa(py::module_& m);  // bindings/swa.cpp
+void bind_swa_decode(py::module_& m);  // bindings/swa.cpp
 
 namespace {
 
@@ -94,8 +96,10 @@ py::dict build_info() {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "ahn_kernels compiled kernels (torch-free launchers on raw pointers)";
   m.def("build_info", &build_info, "What this build holds: backends, CUDA archs, compilers, flags.");
+  bind_cache(m);
   bind_ssd(m);
   bind_swa(m);
+  bind_swa_decode(m);
 
   // ---- delta_rule -------------------------------------------------------------
   using P = ahn::FusedRecurrentParams;

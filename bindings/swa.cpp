@@ -58,3 +58,50 @@ void bind_swa(py::module_& m) {
       },
       py::arg("p"), py::arg("num_threads"), "Run on host memory with `num_threads` OpenMP threads.");
 }
+
+// ---- decode over the AHN ring-buffer cache ------------------------------------------
+namespace {
+
+void check(const ahn::SwaDecodeParams& p) {
+  AHN_CHECK(p.B >= 0, "B must be >= 0");
+  AHN_CHECK(p.B == 0 || (p.q && p.k_cache && p.v_cache && p.k_new && p.v_new && p.cache_seqlens && p.o),
+            "q, k_cache, v_cache, k_new, v_new, cache_seqlens and o must be set");
+  AHN_CHECK(p.HQ > 0 && p.HK > 0 && p.HQ % p.HK == 0, "HK must be > 0 and divide HQ");
+  AHN_CHECK(p.D >= 1 && p.D <= 256, "D must be in 1..256");
+  AHN_CHECK(p.W >= 1 && p.S >= 0, "W must be >= 1 and S >= 0");
+}
+
+}  // namespace
+
+void bind_swa_decode(py::module_& m) {
+  using P = ahn::SwaDecodeParams;
+  py::class_<P> params(m, "SwaDecodeParams",
+                       "Arguments of the ring-buffer decode step; see csrc/swa/swa.h. "
+                       "Pointers are addresses (int, 0 = null).");
+  params.def(py::init<>());
+  ahn::pointer_field(params, "q", &P::q);
+  ahn::pointer_field(params, "k_cache", &P::k_cache);
+  ahn::pointer_field(params, "v_cache", &P::v_cache);
+  ahn::pointer_field(params, "k_new", &P::k_new);
+  ahn::pointer_field(params, "v_new", &P::v_new);
+  ahn::pointer_field(params, "cache_seqlens", &P::cache_seqlens);
+  ahn::pointer_field(params, "o", &P::o);
+  using Field = std::pair<const char*, int64_t P::*>;
+  const std::initializer_list<Field> sizes_and_strides = {
+      {"B", &P::B},         {"HQ", &P::HQ},       {"HK", &P::HK},       {"D", &P::D},         {"W", &P::W},
+      {"S", &P::S},         {"q_sb", &P::q_sb},   {"q_sh", &P::q_sh},   {"kc_sb", &P::kc_sb}, {"kc_st", &P::kc_st},
+      {"kc_sh", &P::kc_sh}, {"vc_sb", &P::vc_sb}, {"vc_st", &P::vc_st}, {"vc_sh", &P::vc_sh}, {"kn_sb", &P::kn_sb},
+      {"kn_sh", &P::kn_sh}, {"vn_sb", &P::vn_sb}, {"vn_sh", &P::vn_sh}};
+  for (auto [name, field] : sizes_and_strides) params.def_readwrite(name, field);
+  params.def_readwrite("scale", &P::scale);
+  ahn::dtype_field(params);
+
+  m.def(
+      "launch_swa_decode_cpu",
+      [](const P& p, int num_threads) {
+        check(p);
+        py::gil_scoped_release release;
+        ahn::launch_swa_decode_cpu(p, num_threads);
+      },
+      py::arg("p"), py::arg("num_threads"), "Run on host memory with `num_threads` OpenMP threads.");
+}

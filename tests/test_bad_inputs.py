@@ -73,6 +73,15 @@ def evict(**over):
     return lambda: ak.ahn_evict_update(**args)
 
 
+def prefill(positions=0, **over):
+    """AHNCache.prefill into a gated-DeltaNet cache whose sequence is at ``positions``."""
+    cache = ak.AHNCache.empty(B, W, S, HK, D, HQ, "gated_delta", torch.float32, "cpu")
+    cache.positions.fill_(positions)
+    args = dict(q=_r(B, T, HQ, D), k=_r(B, T, HK, D), v=_r(B, T, HK, D), gates=torch.rand(B, T, HQ, 2))
+    args.update(over)
+    return lambda: cache.prefill(**args)
+
+
 CU = torch.tensor([0, 3, 8])
 
 CASES = [
@@ -142,6 +151,10 @@ CASES = [
     ("evict unknown rule", evict(rule="lstm"), ValueError, "rule"),
     ("evict state fp16", evict(state=torch.zeros(B, HQ, D, D, dtype=torch.float16)), TypeError, "state"),
     ("evict gates wrong ring size", evict(gates=torch.rand(B, W + 1, HQ, 2)), ValueError, "gates"),
+    ("prefill gates fp16", prefill(gates=torch.rand(B, T, HQ, 2).half()), TypeError, "gates"),
+    ("prefill two sequences into one row", prefill(cu_seqlens=torch.tensor([0, 3, T])), ValueError, "q"),
+    ("prefill A for a delta rule", prefill(A=-torch.rand(HQ)), ValueError, "A"),
+    ("prefill next turn, k heads", prefill(positions=S + W + 3, k=_r(B, T, 3, D)), ValueError, "k"),
 ]
 
 

@@ -264,6 +264,98 @@ def test_eviction_labels(W, S):
 
 
 # ----------------------------------------------------------------------------
+# 3b. conservation: any split of a sequence into prefill chunks and decode steps
+#     gives the per-token outputs and final state of one whole-sequence pass
+# ----------------------------------------------------------------------------
+def _ahn_layer_reference(rule, q, k, v, gates, W, S, A):
+    """The AHN layer of DESIGN §1 over one whole sequence, fp64: attention [T, HQ, D], memory [T, HS, D], state [HS, D, D]."""
+    attn, _ = swa_reference.masked(q.double()[None], k.double()[None], v.double()[None], W, S)
+    qd, kd, vd, gd = (x.double()[None] for x in (q, k, v, gates))
+    if rule == "ssd":
+        G = HS // HK
+        mem, final = ssd_reference.recurrent(vd.repeat_interleave(G, dim=2), gd[..., 0], A.double(),
+                                             _l2norm(kd).repeat_interleave(G, dim=2),
+                                             _l2norm(qd).repeat_interleave(HS // HQ, dim=2), lag=(W, S))
+        final = final.transpose(-1, -2)  # mamba's [V, K] -> [K, V]
+    else:
+        g = gd[..., 1] if rule == "gated_delta" else None
+        mem, final = delta_reference.recurrent(qd, kd, vd, gd[..., 0], g, use_qk_l2norm=True, lag=(W, S))
+    return attn[0], mem[0], final[0]
+
+
+def _conservation_draw(rule, W, S, seed):
+    """One seeded draw: B sequences, each fed as a few prefill chunks (packed, random lengths, 0 allowed)
+    and then decode steps, all rows together, so that rows sit at different positions throughout."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand_int(lo, hi):  # inclusive
+        return int(torch.randint(lo, hi + 1, (1,), generator=gen))
+
+    B, cap = 3, 3 * W + S
+    steps = rand_int(0, W + 2)
+    lengths = [rand_int(steps, cap) for _ in range(B)]
+    rows = [[torch.randn(L, h, D, generator=gen) for h in (HQ, HK, HK)] + [ahn_gates(rule, L, HS)] for L in lengths]
+    A = ahn_A(HS) if rule == "ssd" else None
+    cache = AHNCache.empty(B, W, S, HK, D, HS, rule, torch.float32, "cpu")
+    outs = [([], []) for _ in range(B)]
+    done = [0] * B  # tokens fed per row
+    for chunk in range(rand_int(1, 3)):
+        last = chunk == 2
+        take = [L - steps - d if last else rand_int(0, L - steps - d) for L, d in zip(lengths, done)]
+        prompt = [torch.cat([r[i][d:d + n] for r, d, n in zip(rows, done, take)])[None] for i in range(4)]
+        attn, mem = cache.prefill(*prompt, A=A, cu_seqlens=seqlens_to_cu(take, dtype=torch.int32))
+        for b, (a, m) in enumerate(zip(attn[0].split(take), mem[0].split(take))):
+            outs[b][0].append(a)
+            outs[b][1].append(m)
+        done = [d + n for d, n in zip(done, take)]
+    rest = [L - steps - d for L, d in zip(lengths, done)]  # what the chunks left: one more prefill
+    if any(rest):
+        prompt = [torch.cat([r[i][d:d + n] for r, d, n in zip(rows, done, rest)])[None] for i in range(4)]
+        attn, mem = cache.prefill(*prompt, A=A, cu_seqlens=seqlens_to_cu(rest, dtype=torch.int32))
+        for b, (a, m) in enumerate(zip(attn[0].split(rest), mem[0].split(rest))):
+            outs[b][0].append(a)
+            outs[b][1].append(m)
+    assert cache.positions.tolist() == [L - steps for L in lengths]
+    for s in range(steps):
+        step = [torch.stack([r[i][L - steps + s] for r, L in zip(rows, lengths)]) for i in range(4)]
+        attn, mem = cache.step(*(x[:, None] for x in step[:3]), step[3], A=A)
+        for b in range(B):
+            outs[b][0].append(attn[b])
+            outs[b][1].append(mem[b])
+    return cache, rows, A, outs
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("rule", AHN_RULES)
+@pytest.mark.parametrize("W, S", CACHE_WINDOWS)
+def test_conservation_any_split(W, S, rule, seed):
+    cache, rows, A, outs = _conservation_draw(rule, W, S, seed)
+    tol = tolerance(torch.float32, "out")
+    for b, ((q, k, v, gates), (attn, mem)) in enumerate(zip(rows, outs)):
+        attn_ref, mem_ref, state_ref = _ahn_layer_reference(rule, q, k, v, gates, W, S, A)
+        assert_close(f"row {b} attention", torch.cat(attn), attn_ref, tol)
+        assert_close(f"row {b} memory", torch.cat(mem), mem_ref, tol)
+        assert_close(f"row {b} state", cache.state[b], state_ref, tol)
+
+
+def test_decode_copies_no_kv_at_full_window():
+    """W = 4096: once the window is full, decode steps keep every cache buffer where it is (no K/V copy)."""
+    W, S, B, hk, d = 4096, 2, 2, 1, 4
+    cache = AHNCache.empty(B, W, S, hk, d, hk, "gated_delta", torch.float32, "cpu")
+    T = S + W + 3
+    prompt = [torch.randn(B, T, h, d) for h in (hk, hk, hk)] + [ahn_gates("gated_delta", B, T, hk)]
+    cache.prefill(*prompt)
+    cache.positions[1] += 5  # rows at different positions
+    buffers = [(t.data_ptr(), t.shape) for t in (cache.k, cache.v, cache.gates, cache.state, cache.positions)]
+    for _ in range(3):
+        q, k, v = (torch.randn(B, 1, hk, d) for _ in range(3))
+        cache.step(q, k, v, ahn_gates("gated_delta", B, hk))
+        assert [(t.data_ptr(), t.shape) for t in (cache.k, cache.v, cache.gates, cache.state, cache.positions)] \
+            == buffers
+    assert cache.positions.tolist() == [T + 3, T + 8]
+
+
+# ----------------------------------------------------------------------------
 # 4. registration: opcheck (mutating ops), torch.compile of a decode step
 # ----------------------------------------------------------------------------
 def test_opcheck_swa_decode():

@@ -21,11 +21,47 @@ torch.library.define(
 # ----------------------------------------------------------------------------
 # 2. device implementations
 # ----------------------------------------------------------------------------
+_DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # csrc/common/dtype.h DType
+_RULE_CODE = {"delta": 0, "gated_delta": 1, "ssd": 2}  # csrc/cache/cache.h MemoryRule
+
+
 def _evict_update(state, q, k_cache, v_cache, gates, gates_new, cache_seqlens, window_size, num_sinks, rule,
                   scale, A):
-    _backend.choose("ahn_evict_update", q.device.type)
+    # fp64 reaches the op only from tests (the public function rejects it): the reference serves it.
+    if _backend.choose("ahn_evict_update", q.device.type) == "cpu" and q.dtype in _DTYPE_CODE \
+            and state.dtype == torch.float32:
+        B, HS, _, V = state.shape
+        o = q.new_empty(B, 1, HS, V)  # [B, 1, HS, V]
+        run_cpu(state, q, k_cache, v_cache, gates, gates_new, cache_seqlens, window_size, num_sinks, rule, scale,
+                A, o)
+        return o
     return reference.evict_update(state, q, k_cache, v_cache, gates, gates_new, cache_seqlens, window_size,
                                   num_sinks, rule, scale, A)
+
+
+def run_cpu(state, q, k_cache, v_cache, gates, gates_new, cache_seqlens, window_size, num_sinks, rule, scale, A, o):
+    """Run the compiled CPU step: mutates ``state`` and ``gates``, writes ``o`` [B, 1, HS, V] (contiguous).
+
+    Reads only pointers, sizes and strides: no copy, no sync. Exposed so that tests can
+    hand the kernel outputs inside red zones.
+    """
+    B, HS, K, V = state.shape
+    p = _backend._C.EvictUpdateParams()
+    p.state, p.q, p.k_cache, p.v_cache, p.gates, p.gates_new, p.cache_seqlens, p.o = (
+        t.data_ptr() for t in (state, q, k_cache, v_cache, gates, gates_new, cache_seqlens, o))
+    p.A = 0 if A is None else A.data_ptr()
+    p.B, p.HQ, p.HK, p.HS, p.K, p.V = B, q.shape[2], k_cache.shape[2], HS, K, V
+    p.W, p.S, p.n_gates = window_size, num_sinks, gates.shape[3]
+    p.state_sb, p.state_sh, p.state_sk = state.stride()[:3]
+    p.q_sb, _, p.q_sh = q.stride()[:3]
+    p.kc_sb, p.kc_st, p.kc_sh = k_cache.stride()[:3]
+    p.vc_sb, p.vc_st, p.vc_sh = v_cache.stride()[:3]
+    p.g_sb, p.g_st, p.g_sh = gates.stride()[:3]
+    p.gn_sb, p.gn_sh = gates_new.stride()[:2]
+    p.rule = _RULE_CODE[rule]
+    p.scale = scale
+    p.dtype = _DTYPE_CODE[q.dtype]
+    _backend._C.launch_ahn_evict_update_cpu(p, torch.get_num_threads())
 
 
 torch.library.impl("ahn::ahn_evict_update", "CPU", _evict_update)

@@ -74,9 +74,33 @@ def _bwd(do, dlse, q, k, v, o, lse, window_size, num_sinks, softmax_scale, cu_se
 
 
 def _decode(q, k_cache, v_cache, k_new, v_new, cache_seqlens, window_size, num_sinks, softmax_scale):
-    _backend.choose("swa_decode", q.device.type)
+    if _backend.choose("swa_decode", q.device.type) == "cpu" and q.dtype in _DTYPE_CODE:
+        o = q.new_empty(q.shape)  # [B, 1, HQ, D]
+        run_decode_cpu(q, k_cache, v_cache, k_new, v_new, cache_seqlens, window_size, num_sinks, softmax_scale, o)
+        return o
     return reference.decode(q, k_cache, v_cache, k_new, v_new, cache_seqlens, window_size, num_sinks,
                             softmax_scale)
+
+
+def run_decode_cpu(q, k_cache, v_cache, k_new, v_new, cache_seqlens, window_size, num_sinks, softmax_scale, o):
+    """Run the compiled CPU decode step: writes k_new/v_new into the caches and ``o`` [B, 1, HQ, D] (contiguous).
+
+    Reads only pointers, sizes and strides: no copy, no sync. Exposed so that tests can
+    hand the kernel outputs inside red zones.
+    """
+    B, _, HQ, D = q.shape
+    p = _backend._C.SwaDecodeParams()
+    p.q, p.k_cache, p.v_cache, p.k_new, p.v_new, p.cache_seqlens, p.o = (
+        t.data_ptr() for t in (q, k_cache, v_cache, k_new, v_new, cache_seqlens, o))
+    p.B, p.HQ, p.HK, p.D, p.W, p.S = B, HQ, k_cache.shape[2], D, window_size, num_sinks
+    p.q_sb, _, p.q_sh = q.stride()[:3]
+    p.kc_sb, p.kc_st, p.kc_sh = k_cache.stride()[:3]
+    p.vc_sb, p.vc_st, p.vc_sh = v_cache.stride()[:3]
+    p.kn_sb, _, p.kn_sh = k_new.stride()[:3]
+    p.vn_sb, _, p.vn_sh = v_new.stride()[:3]
+    p.scale = softmax_scale
+    p.dtype = _DTYPE_CODE[q.dtype]
+    _backend._C.launch_swa_decode_cpu(p, torch.get_num_threads())
 
 
 for _key in ("CPU", "CUDA"):

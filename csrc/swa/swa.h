@@ -42,3 +42,39 @@ struct SwaParams {
 void launch_swa_fwd_cpu(const SwaParams& p, int num_threads);
 
 }  // namespace ahn
+
+// ---- decode over the AHN ring-buffer cache ----------------------------------------
+namespace ahn {
+
+// One new token per sequence b at position p = cache_seqlens[b]. Token t lives in slot t
+// if t < S, else in slot S + (t - S) mod W. The step writes k_new/v_new into slot(p),
+// then attends q over slots 0 .. min(p, S + W - 1): after the write those hold exactly
+// the sinks and the last W tokens up to p (softmax does not care about slot order).
+struct SwaDecodeParams {
+  const void* q = nullptr;                 // [B, 1, HQ, D]     dtype
+  void* k_cache = nullptr;                 // [B, S + W, HK, D] dtype, mutated
+  void* v_cache = nullptr;                 // [B, S + W, HK, D] dtype, mutated
+  const void* k_new = nullptr;             // [B, 1, HK, D]     dtype
+  const void* v_new = nullptr;             // [B, 1, HK, D]     dtype
+  const int32_t* cache_seqlens = nullptr;  // [B]               positions, >= 0
+  void* o = nullptr;                       // [B, 1, HQ, D]     dtype, contiguous
+
+  int64_t B = 0, HQ = 0, HK = 0, D = 0, W = 0, S = 0;
+
+  // Strides in elements; the last dim has stride 1. Caches: (batch, slot, head).
+  int64_t q_sb = 0, q_sh = 0;
+  int64_t kc_sb = 0, kc_st = 0, kc_sh = 0;
+  int64_t vc_sb = 0, vc_st = 0, vc_sh = 0;
+  int64_t kn_sb = 0, kn_sh = 0;
+  int64_t vn_sb = 0, vn_sh = 0;
+
+  float scale = 1.f;
+  DType dtype = DType::f32;  // of q, the caches, k_new, v_new and o
+};
+
+// CPU: OpenMP over (sequence, KV head) tasks; a task loads each cached k/v row once for
+// the G = HQ / HK query heads that read it (fp32 online softmax), and is computed alone,
+// so results do not depend on `num_threads`. No allocation after a thread's first call.
+void launch_swa_decode_cpu(const SwaDecodeParams& p, int num_threads);
+
+}  // namespace ahn
