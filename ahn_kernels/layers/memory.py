@@ -212,7 +212,7 @@ class Mamba2Memory(_Memory):
         # The scan takes one group count for B and C and x per head: k̂ and v are repeated to HS heads.
         x = v.repeat_interleave(G, dim=2)  # [B, T, HS, D]
         kh = l2norm(k).repeat_interleave(G, dim=2)  # [B, T, HS, D]
-        return ssd_chunk_scan(x, gates[..., 0], self.A(), kh, l2norm(q), cu_seqlens=cu_seqlens, lag=lag)
+        return ssd_chunk_scan(x, gates[..., 0], self.A(), kh, l2norm(q), 64, cu_seqlens=cu_seqlens, lag=lag)
 
     def output(self, mem: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return self.o_proj(self.norm(mem, self.g_proj(x)))
