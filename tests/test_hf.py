@@ -42,10 +42,10 @@ def cache_buffers(cache):
             for t in (layer.ahn.k, layer.ahn.v, layer.ahn.gates, layer.ahn.state, layer.ahn.positions)]
 
 
-@pytest.mark.parametrize("memory", MEMORIES)
-def test_generate_with_cache_equals_recomputation(memory):
+@pytest.mark.parametrize("family, memory", [("qwen2", m) for m in MEMORIES] + [("qwen3", "gdn")])
+def test_generate_with_cache_equals_recomputation(family, memory):
     W, S = 4, 2
-    model = randomise_ahn(ak.patch_model(tiny_model(), memory=memory, window_size=W, num_sinks=S))
+    model = randomise_ahn(ak.patch_model(tiny_model(family), memory=memory, window_size=W, num_sinks=S))
     ids, mask = left_padded((9, 3))
     steps = 3 * W + S
     with torch.no_grad():
@@ -67,6 +67,18 @@ def test_generate_with_cache_equals_recomputation(memory):
     assert cache_buffers(cache) == before
     assert cache.get_seq_length() == ids.shape[1] + steps
     assert cache.layers[0].ahn.positions.tolist() == [9 + steps, 3 + steps]
+
+
+def test_patch_model_bad_arguments():
+    with pytest.raises(ValueError, match="memory"):
+        ak.patch_model(tiny_model(), memory="lstm")
+    with pytest.raises(ValueError, match="window_size"):
+        ak.patch_model(tiny_model(), window_size=0)
+    with pytest.raises(ValueError, match="num_sinks"):
+        ak.patch_model(tiny_model(), num_sinks=-1)
+    model = ak.patch_model(tiny_model(), window_size=4, num_sinks=1)
+    with pytest.raises(TypeError, match="already patched"):
+        ak.patch_model(model)
 
 
 def test_dynamic_cache_is_refused():

@@ -212,6 +212,8 @@ class Mamba2Memory(_Memory):
         # The scan takes one group count for B and C and x per head: k̂ and v are repeated to HS heads.
         x = v.repeat_interleave(G, dim=2)  # [B, T, HS, D]
         kh = l2norm(k).repeat_interleave(G, dim=2)  # [B, T, HS, D]
+        # Chunk 64, not mamba's 256: the result does not depend on it (DESIGN §4), and the reference
+        # backward's per-chunk [C, C] work made 256 about 2x slower in the distillation test.
         return ssd_chunk_scan(x, gates[..., 0], self.A(), kh, l2norm(q), 64, cu_seqlens=cu_seqlens, lag=lag)
 
     def output(self, mem: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
