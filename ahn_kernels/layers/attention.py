@@ -79,7 +79,11 @@ class AHNAttention(nn.Module):
         return attn.flatten(2) + self.memory.output(mem, x)
 
     def _decode(self, x, cos, sin, cache):
-        """Tokens appended to a filled cache, one step each: [B, T, hidden] -> [B, T, HQ·D]."""
+        """Tokens appended to a filled cache, one step each: [B, T, hidden] -> [B, T, HQ·D].
+
+        Every appended column is a real token of every row (``generate`` appends ones to the mask);
+        T > 1 (a second turn) steps token by token until ``AHNCache`` can continue a prefill.
+        """
         q, k, v = self._qkv(x, cos, sin)
         gates = self.memory.gates(x)  # [B, T, HS, n_gates] fp32
         A = self.memory.A()
