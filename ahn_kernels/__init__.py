@@ -14,6 +14,16 @@ from .ssd import ssd_chunk_scan, ssd_state_update
 from .swa import swa_attention, swa_decode
 from .cache import AHNCache, ahn_evict_update
 
+_MODEL_GLUE = ("load_ahn_weights", "patch_model")  # need transformers: imported on first use
+
+
+def __getattr__(name):
+    if name in _MODEL_GLUE:
+        from . import layers
+        return getattr(layers, name)
+    raise AttributeError(f"module 'ahn_kernels' has no attribute {name!r}")
+
+
 __all__ = [
     "AHNCache",
     "ahn_evict_update",
@@ -22,6 +32,8 @@ __all__ = [
     "chunk_gated_delta_rule",
     "fused_recurrent_delta_rule",
     "fused_recurrent_gated_delta_rule",
+    "load_ahn_weights",
+    "patch_model",
     "ssd_chunk_scan",
     "ssd_state_update",
     "swa_attention",

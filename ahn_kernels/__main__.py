@@ -1,4 +1,4 @@
-"""Command line: ``python -m ahn_kernels {info,check,bench}``."""
+"""Command line: ``python -m ahn_kernels {info,check,bench,demo,accounting}``."""
 
 from __future__ import annotations
 
@@ -101,6 +101,21 @@ def _plot(rows, times, path: str) -> None:
     print(f"plot written to {path}")
 
 
+def cmd_demo(args) -> int:
+    from .layers import demo
+
+    print(demo.run(tokens=args.tokens, window=args.window, sinks=args.sinks, memory=args.memory,
+                   prompt=args.prompt, rows=args.rows, full=not args.no_full, plot=args.plot))
+    return 0
+
+
+def cmd_accounting(args) -> int:
+    from . import accounting
+
+    print(accounting.report(args.config, args.context, args.window, args.sinks, args.memory))
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ahn_kernels", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -111,8 +126,24 @@ def main(argv=None) -> int:
     bench.add_argument("--reps", type=int, default=3, help="timed runs per provider (median reported)")
     bench.add_argument("--cpu", action="store_true", help="benchmark on the CPU even when a GPU is present")
     bench.add_argument("--plot", metavar="FILE.png", help="also write a bar chart of the speed-ups")
+    demo = sub.add_parser("demo", help="long greedy generation with a tiny random Qwen2: AHN cache vs full attention")
+    demo.add_argument("--tokens", type=int, default=32768, help="context length reached (prompt + generated)")
+    demo.add_argument("--prompt", type=int, default=1024, help="prompt length (prefilled at once)")
+    demo.add_argument("--window", type=int, default=1024, help="AHN window W")
+    demo.add_argument("--sinks", type=int, default=64, help="AHN sinks S")
+    demo.add_argument("--memory", choices=("gdn", "dn", "mamba2"), default="gdn")
+    demo.add_argument("--rows", type=int, default=8, help="table rows")
+    demo.add_argument("--no-full", action="store_true", help="skip the full-attention run")
+    demo.add_argument("--plot", metavar="FILE.png", help="also plot cache size and time per token")
+    acc = sub.add_parser("accounting", help="KV-cache bytes and FLOPs per token, AHN vs full attention")
+    acc.add_argument("--config", choices=("qwen2.5-3b", "qwen2.5-7b", "qwen2.5-14b"), default="qwen2.5-3b")
+    acc.add_argument("--context", type=int, default=131072)
+    acc.add_argument("--window", type=int, default=32640, help="AHN window W (the paper's inference default)")
+    acc.add_argument("--sinks", type=int, default=128, help="AHN sinks S")
+    acc.add_argument("--memory", choices=("gdn", "dn", "mamba2"), default="gdn")
     args = parser.parse_args(argv)
-    return {"info": cmd_info, "check": cmd_check, "bench": cmd_bench}[args.command](args)
+    return {"info": cmd_info, "check": cmd_check, "bench": cmd_bench, "demo": cmd_demo,
+            "accounting": cmd_accounting}[args.command](args)
 
 
 if __name__ == "__main__":
