@@ -5,17 +5,24 @@
 // the memory readout y_t = h_m C_t; Λ the prefix sums of the log decays dt A):
 //   G_m = a_{m+1} G_{m+1} + dy_{t(m)} C_{t(m)}ᵀ,  G_{M-1} += dht     (G_m = dL/dh_m)
 //   dC_{t(m)} = h_mᵀ dy_{t(m)},  du_m = G_m B_m,  dB_m = G_mᵀ u_m,  dh0 = a_0 G_0
-//   dλ_m = <G_m, a_m h_{m-1}> = Σ_{k >= m} (<dy_{t(k)}, y_{t(k)}> - <du_k, u_k>) + <dht, h_{M-1}>
+//   dλ_m = <G_m, a_m h_{m-1}> = <dht, a_{M-1} h_{M-2}>
+//          + Σ_{k >= m} (<dy_{t(k)}, a_k h_{k-1} C_{t(k)}> - [k < M-1] <a_{k+1} G_{k+1} B_k, u_k>)
 // The last line holds because h reaches readout t through the factor exp(Λ_t) and key m
-// through exp(-Λ_m): the gradient w.r.t. Λ_t is a readout's dot minus a key's. It replaces
-// the product of the two states, which the reverse walk would need every h_{m-1} for
-// (stored, or recomputed from checkpoints), by two dots of P-vectors per token.
+// through exp(-Λ_m): the gradient w.r.t. Λ_t is a readout's dot minus a key's (the
+// term (dy_k·u_k)(C_k·B_k), in both, cancels). It replaces the product of the two
+// states, which the reverse walk would need every h_{m-1} for (stored, or recomputed from
+// checkpoints), by two dots of P-vectors per token. Both dots read the states before
+// token k's update: with the updated ones, each held the O(1) term above, and under
+// strong decays (dλ small) their difference lost dA to 1e-3 (test_cpu_bwd_strong_decay_...).
 // So pass 1 walks forward, recomputing h as the forward kernel does (a scaled state),
 // and gathers dC, the readout (for dz) and its dot; pass 2 walks back with G in the same
 // scaled form, the same step with B and C swapped, and gathers du, dB and the decay's
 // gradient. Nothing is stored between the passes but three doubles per token; each pass
 // costs one sweep of the [P, NS] state per token, three FMAs per element (the forward: two).
-// Measured against a chunked backward on this CPU: see bench/bench_ssd.py.
+// A chunked backward does more: besides the same P NS terms (state pass, dC, du, dB and the
+// readout for dz, ~12 P NS flops per token) it forms C Bᵀ, dy xᵀ and their products per
+// chunk (~8 L (P + NS) more per token at chunk length L), worth it only where matmul
+// units make flops cheap (GPUs).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -35,10 +42,16 @@ using namespace ssd_cpu;
 
 AHN_ISA_CLONES void fold(float* g, int64_t n, double a) { scale_in_place(g, n, a); }
 
-// One token of either pass on a scaled state g [P, NS]: g += u bᵀ; y = g c; col = gᵀ v.
+// One token of either pass on a scaled state g [P, NS]: y = g c; col = gᵀ v; then g += u bᵀ.
 AHN_ISA_CLONES void step(float* g, int64_t P, int64_t NS, const float* u, const float* b, const float* c, float* y,
                          const float* v, float* col) {
   rows<false, true>(g, NS, P, NS, 1.0, u, b, c, y, v, col);
+}
+
+double dot(const float* a, const float* b, int64_t n) {
+  double s = 0.0;
+  for (int64_t i = 0; i < n; ++i) s += double(a[i]) * b[i];
+  return s;
 }
 
 // The step size the forward uses (bias, softplus, clamp, in double) and its derivative
@@ -111,6 +124,8 @@ void bwd_head(const ScanBwdParams& q, int64_t n, int64_t h, float* dB_h, float* 
   else
     std::fill(st, st + P * NS, 0.f);
   double a = 1.0;
+  const float* const dht = q.dht + (n * H + h) * P * NS;
+  double lam = 0.0;  // dλ_m, summed from the last token down
   double* const dD = sums + kSums;
   float raw[kMaxDim], dsilu[kMaxDim];
   for (int64_t t = bos; t < eos; ++t) {
@@ -129,9 +144,9 @@ void bwd_head(const ScanBwdParams& q, int64_t n, int64_t h, float* dB_h, float* 
         fold(st, P * NS, a);
         a = 1.0;
       }
-      load_f32(x + x0 + r * p.x_st, P, u);
+      load_f32(x + x0 + r * p.x_st, P, xr);
       const double w = dts[m] / a;
-      for (int64_t i = 0; i < P; ++i) u[i] = float(w * u[i]);
+      for (int64_t i = 0; i < P; ++i) u[i] = float(w * xr[i]);
       const T* Br = Bm + B0 + r * p.B_st;
       const T* Ct = Cm + C0 + t * p.C_st;
       if (t + kAhead < eos) {
@@ -140,14 +155,19 @@ void bwd_head(const ScanBwdParams& q, int64_t n, int64_t h, float* dB_h, float* 
         prefetch(Br + kAhead * p.B_st, NS);
         prefetch(Ct + kAhead * p.C_st, NS);
       }
-      step(st, P, NS, u, as_f32(Br, NS, Bv), as_f32(Ct, NS, Cv), y, dy, col);
+      if (m == M - 1) lam = a * dot(dht, st, P * NS);  // <dht, a_m h_{m-1}>, see pass 2
+      const float* Bf = as_f32(Br, NS, Bv);
+      const float* Cf = as_f32(Ct, NS, Cv);
+      step(st, P, NS, u, Bf, Cf, y, dy, col);  // y, col from a_m h_{m-1} (scaled by 1 / a)
+      const double bc = dot(Bf, Cf, NS), ux = dts[m] * dot(dy, xr, P);
       double yd = 0.0;
       for (int64_t i = 0; i < P; ++i) {
-        y[i] = float(a * y[i]);
-        yd += double(dy[i]) * y[i];
+        const double prev = a * y[i];
+        yd += dy[i] * prev;
+        y[i] = float(prev + dts[m] * xr[i] * bc);
       }
       ydot[m] = yd;
-      for (int64_t k = 0; k < NS; ++k) dC_t[k] = float(a * col[k]);
+      for (int64_t k = 0; k < NS; ++k) dC_t[k] = float(a * col[k] + ux * Bf[k]);
     } else {
       std::fill(y, y + P, 0.f);  // empty memory
       std::fill(dC_t, dC_t + NS, 0.f);
@@ -169,10 +189,7 @@ void bwd_head(const ScanBwdParams& q, int64_t n, int64_t h, float* dB_h, float* 
       std::fill(dB_h + row(t) * NS, dB_h + (row(t) + 1) * NS, 0.f);
     }
   }
-  if (a != 1.0) fold(st, P * NS, a);
-  const float* const dht = q.dht + (n * H + h) * P * NS;
-  double lam = 0.0;  // dλ_m, summed from the last token down
-  for (int64_t i = 0; i < P * NS; ++i) lam += double(dht[i]) * st[i];
+
 
   // Pass 2: reverse. G = s γ, γ in the dh0 slot; s is the product of the decays walked.
   std::copy(dht, dht + P * NS, st);
@@ -197,16 +214,22 @@ void bwd_head(const ScanBwdParams& q, int64_t n, int64_t h, float* dB_h, float* 
     load_f32(x + x0 + r * p.x_st, P, xr);
     float key[kMaxDim];  // u_m = dt x
     for (int64_t i = 0; i < P; ++i) key[i] = float(dts[m] * xr[i]);
-    step(st, P, NS, u, as_f32(Ct, NS, Cv), as_f32(Br, NS, Bv), y, key, col);
+    const float* Bf = as_f32(Br, NS, Bv);
+    const float* Cf = as_f32(Ct, NS, Cv);
+    step(st, P, NS, u, Cf, Bf, y, key, col);  // y, col from a_{m+1} G_{m+1} (scaled by 1 / s)
+    const double bc = dot(Bf, Cf, NS), uy = dot(dy, key, P);
     double kd = 0.0, xd = 0.0;
     for (int64_t i = 0; i < P; ++i) {
-      y[i] = float(s * y[i]);  // du
-      kd += double(y[i]) * key[i];
+      const double prev = s * y[i];
+      kd += prev * key[i];
+      y[i] = float(prev + dy[i] * bc);  // du
       xd += double(y[i]) * xr[i];
     }
     float* const dB_r = dB_h + row(r) * NS;
-    for (int64_t k = 0; k < NS; ++k) dB_r[k] = float(s * col[k]);
-    lam += ydot[m] - kd;
+    for (int64_t k = 0; k < NS; ++k) dB_r[k] = float(s * col[k] + uy * Cf[k]);
+    // The last token's key term <dht B, u> is the part of <dht, h_{M-1}> that lam's start
+    // already leaves out.
+    lam += m == M - 1 ? ydot[m] : ydot[m] - kd;
     dA += dts[m] * lam;
     const double ddt = slope[m] * (A * lam + xd);
     q.ddt[row(r)] = float(ddt);

@@ -59,11 +59,25 @@ AHN_ALWAYS_INLINE void scale_in_place(float* g, int64_t n, double a) {
   for (int64_t i = 0; i < n; ++i) g[i] = float(double(g[i]) * a);
 }
 
+// col[0:16] += cs[0:16] as one vector add: GCC split the plain loop into sixteen scalar
+// adds (and, given col's old values to start from, assembled them lane by lane), which
+// made the backward's passes twice as slow as the forward's (perf, bench shape).
+AHN_ALWAYS_INLINE void add16(float* __restrict__ col, const float* __restrict__ cs) {
+  typedef float v16 __attribute__((vector_size(64)));
+  v16 a, b;
+  __builtin_memcpy(&a, col, sizeof a);
+  __builtin_memcpy(&b, cs, sizeof b);
+  a += b;
+  __builtin_memcpy(col, &a, sizeof a);
+}
+
 // R rows of one head's state, one token, in a single pass: for each row p,
-//   h[p, :] = decay h[p, :] + u[p] b;   y[p] = h[p, :] · c;   col += v[p] h[p, :]  (COL only)
+//   h[p, :] = decay h[p, :] + u[p] b;   y[p] = h[p, :] · c                  (COL = false)
+//   y[p] = h[p, :] · c;   col += v[p] h[p, :];   then h[p, :] += u[p] b    (COL, DECAY = false)
 // (DECAY = false: decay = 1). The forward absorbs x Bᵀ and reads with C; the backward
 // runs the same pass with its adjoint state (dy Cᵀ in, read with B) and gathers a column
-// sum (dC, dB) in it, so that each pass touches the state once.
+// sum (dC, dB) in it, so that each pass touches the state once. The backward reads the
+// state before the update: see bwd_cpu.cpp for why.
 // decay = hi + lo, the double-precision decay split into two floats: rounding it to one
 // float puts the same relative error on every element of a head's state at each token,
 // which compounds over the tokens (1.1e-6 relative RMSE from the fp64 oracle after 200
@@ -79,28 +93,39 @@ AHN_ALWAYS_INLINE void rows_step(float* __restrict__ h, int64_t h_sp, int64_t NS
   float acc[R][16] = {};
   int64_t n = 0;
   for (; n + 16 <= NS; n += 16) {
-    float cs[16];
-    if constexpr (COL)
-      for (int64_t k = 0; k < 16; ++k) cs[k] = col[n + k];
-    for (int r = 0; r < R; ++r) {
-      float* __restrict__ hr = h + r * h_sp + n;
-      for (int64_t k = 0; k < 16; ++k) {
-        const float s = DECAY ? hi * hr[k] + (lo * hr[k] + u[r] * b[n + k]) : hr[k] + u[r] * b[n + k];
-        hr[k] = s;
-        acc[r][k] += s * c[n + k];
-        if constexpr (COL) cs[k] += s * v[r];
+    if constexpr (COL) {
+      float cs[16] = {};  // the block's column sums, added to col after it (see add16)
+      // Unrolled by hand: with COL GCC kept the row loop and spilled acc to the stack (and
+      // the same pragma in the loop below halved the forward's speed).
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) {
+        float* __restrict__ hr = h + r * h_sp + n;
+        for (int64_t k = 0; k < 16; ++k) {
+          const float s = hr[k];
+          hr[k] = DECAY ? hi * s + (lo * s + u[r] * b[n + k]) : s + u[r] * b[n + k];
+          acc[r][k] += s * c[n + k];
+          cs[k] += s * v[r];
+        }
+      }
+      add16(col + n, cs);
+    } else {
+      for (int r = 0; r < R; ++r) {
+        float* __restrict__ hr = h + r * h_sp + n;
+        for (int64_t k = 0; k < 16; ++k) {
+          const float s = DECAY ? hi * hr[k] + (lo * hr[k] + u[r] * b[n + k]) : hr[k] + u[r] * b[n + k];
+          hr[k] = s;
+          acc[r][k] += s * c[n + k];
+        }
       }
     }
-    if constexpr (COL)
-      for (int64_t k = 0; k < 16; ++k) col[n + k] = cs[k];
   }
   for (int64_t k = 0; n < NS; ++n, ++k)
     for (int r = 0; r < R; ++r) {
       float* hr = h + r * h_sp + n;
-      const float s = DECAY ? hi * hr[0] + (lo * hr[0] + u[r] * b[n]) : hr[0] + u[r] * b[n];
+      const float old = hr[0], s = DECAY ? hi * old + (lo * old + u[r] * b[n]) : old + u[r] * b[n];
       hr[0] = s;
-      acc[r][k] += s * c[n];
-      if constexpr (COL) col[n] += s * v[r];
+      acc[r][k] += (COL ? old : s) * c[n];
+      if constexpr (COL) col[n] += old * v[r];
     }
   // Fixed-width halvings: GCC emitted a loop over a variable width as scalar adds, which
   // cost as much as the state pass itself at NS = 128.
@@ -113,7 +138,7 @@ AHN_ALWAYS_INLINE void rows_step(float* __restrict__ h, int64_t h_sp, int64_t NS
 }
 
 // The whole state [P, NS] (row stride h_sp), one token: rows_step over blocks of 4 rows.
-// COL: col [NS] is set (not accumulated) to hᵀ v.
+// COL: col [NS] is set (not accumulated) to hᵀ v; y and col read h before the update.
 template <bool DECAY, bool COL>
 AHN_ALWAYS_INLINE void rows(float* h, int64_t h_sp, int64_t P, int64_t NS, double decay, const float* u,
                             const float* b, const float* c, float* y, const float* v = nullptr,
