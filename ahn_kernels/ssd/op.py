@@ -173,33 +173,37 @@ def _fwd(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, cu_seqlens, 
     return out.contiguous(), final_states.contiguous()
 
 
+def _bwd_cpu(dout, dfinal_states, x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, cu_seqlens,
+             dt_softplus, dt_min, dt_max, lag_window, lag_sinks):
+    """The CPU kernel's gradients, in the op's output convention (see ``_bwd``)."""
+    def fp32(t):
+        return None if t is None else torch.empty(t.shape, dtype=torch.float32)
+
+    # autograd may hand an expanded (stride-0) gradient: the kernel reads rows with unit stride
+    dout = dout.to(x.dtype)
+    dout = dout if dout.stride(-1) == 1 else dout.contiguous()
+    grads = (x.new_empty(x.shape),  # dx [B, T, H, P]
+             fp32(dt), fp32(A),  # ddt [B, T, H], dA [H]
+             B.new_empty(B.shape), C.new_empty(C.shape),  # dB, dC [B, T, G, N_state]
+             fp32(D),  # dD [H] or [H, P]
+             None if z is None else z.new_empty(z.shape),  # dz [B, T, H, P]
+             fp32(dt_bias),  # ddt_bias [H]
+             torch.empty(_num_seqs(x, cu_seqlens), *x.shape[2:], B.shape[3]))  # dinitial [N, H, P, N_state] fp32
+    run_chunk_scan_bwd(dout, dfinal_states.float().contiguous(), x, dt, A, B, C, chunk_size, D, z, dt_bias,
+                       initial_states, cu_seqlens, dt_softplus, dt_min, dt_max, lag_window, lag_sinks, grads)
+    dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dinitial = grads
+    return (dx, ddt.to(dt.dtype), dA.to(A.dtype), dB, dC, x.new_empty(0) if D is None else dD.to(D.dtype),
+            x.new_empty(0) if z is None else dz, x.new_empty(0) if dt_bias is None else ddt_bias.to(dt_bias.dtype),
+            dinitial)
+
+
 def _bwd(dout, dfinal_states, x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, cu_seqlens, dt_softplus,
          dt_min, dt_max, lag_window, lag_sinks):
     if _backend.choose("ssd_chunk_scan_bwd", x.device.type) == "cpu" and x.dtype in _DTYPE_CODE:
-        def fp32(t):
-            return None if t is None else torch.empty(t.shape, dtype=torch.float32)
-
-        # autograd may hand an expanded (stride-0) gradient: the kernel reads rows with unit stride
-        dout = dout.to(x.dtype)
-        dout = dout if dout.stride(-1) == 1 else dout.contiguous()
-        dfinal = dfinal_states.float().contiguous()
-        N = _num_seqs(x, cu_seqlens)
-        grads = (x.new_empty(x.shape),  # dx [B, T, H, P]
-                 fp32(dt), fp32(A),  # ddt [B, T, H], dA [H]
-                 B.new_empty(B.shape), C.new_empty(C.shape),  # dB, dC [B, T, G, N_state]
-                 fp32(D),  # dD [H] or [H, P]
-                 None if z is None else z.new_empty(z.shape),  # dz [B, T, H, P]
-                 fp32(dt_bias),  # ddt_bias [H]
-                 torch.empty(N, *x.shape[2:], B.shape[3]))  # dinitial_states [N, H, P, N_state] fp32
-        run_chunk_scan_bwd(dout, dfinal, x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, cu_seqlens,
-                           dt_softplus, dt_min, dt_max, lag_window, lag_sinks, grads)
-        dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dinitial = grads
-        grads = (dx, ddt.to(dt.dtype), dA.to(A.dtype), dB, dC, dD if D is None else dD.to(D.dtype), dz,
-                 ddt_bias if dt_bias is None else ddt_bias.to(dt_bias.dtype), dinitial)
-    else:
-        grads = reference.chunked_bwd(dout, dfinal_states, x, dt, A, B, C, chunk_size, D, z, dt_bias,
-                                      initial_states, cu_seqlens, dt_softplus, (dt_min, dt_max),
-                                      _lag(lag_window, lag_sinks))
+        return _bwd_cpu(dout, dfinal_states, x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, cu_seqlens,
+                        dt_softplus, dt_min, dt_max, lag_window, lag_sinks)
+    grads = reference.chunked_bwd(dout, dfinal_states, x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states,
+                                  cu_seqlens, dt_softplus, (dt_min, dt_max), _lag(lag_window, lag_sinks))
     # an absent D, z or dt_bias has no gradient: an empty tensor holds its slot
     return tuple(x.new_empty(0) if g is None else g.contiguous() for g in grads)
 
