@@ -36,6 +36,7 @@ class Case:
     peer: str                        # provider the speed-up is measured against
     providers: dict[str, Callable[[], Callable[[], object]]] = field(default_factory=dict)
     flops: float | None = None       # useful FLOPs per call of the ahn algorithm, if counted
+    reps: int | None = None          # cap on timed runs per provider (a peer taking seconds per call)
 
     @property
     def name(self) -> str:
@@ -173,9 +174,10 @@ def _ssd_case(device, dtype, T, H, P, N, G, mode) -> Case:
     Cm = _rand(1, T, G, N, device=device, dtype=dtype, requires_grad=grad)
     dt_bias = torch.randn(H, device=device).requires_grad_(grad)
     inputs = [x, dt, A, Bm, Cm, dt_bias]
-    # FLOPs of the token-serial scan the CPU runs: decay, write and read of the [P, N] state per token.
+    # FLOPs of the token-serial scan the CPU runs: decay, write and read of the [P, N] state per token
+    # (two FMAs per element), and for the backward two more passes of three FMAs each (csrc/ssd/bwd_cpu.cpp).
     case = Case("ssd_chunk_scan", f"B1 T{T} H{H} P{P} N{N} G{G} {str(dtype)[6:]} {mode}", tokens=T,
-                peer="transformers", flops=None if grad else 4.0 * T * H * P * N)
+                peer="transformers", flops=(16.0 if grad else 4.0) * T * H * P * N)
     kw = dict(dt_bias=dt_bias, dt_softplus=True, return_final_states=True)
     hf = _transformers("mamba2", "mamba2_chunk_scan")
     mamba = _gpu_peer(device, "mamba_ssm.ops.triton.ssd_combined", "mamba_chunk_scan_combined")
@@ -189,6 +191,16 @@ def _ssd_case(device, dtype, T, H, P, N, G, mode) -> Case:
 
 def ssd_cases(device="cpu", dtype=torch.float32, T=4096, H=8, P=64, N=128, G=1) -> list[Case]:
     return [_ssd_case(device, dtype, T, H, P, N, G, mode) for mode in ("fwd", "fwd+bwd")]
+
+
+def ssd_long_cases(device="cpu", dtype=torch.float32, T=16384) -> list[Case]:
+    """Forward + backward at T = 16384 on CPU, where transformers' backward turns superlinear (one timed run:
+    its ~2 s per call); the GPU peers need no such case."""
+    if device != "cpu":
+        return []
+    case = _ssd_case(device, dtype, T, 8, 64, 128, 1, "fwd+bwd")
+    case.reps = 1
+    return [case]
 
 
 def ssd_state_update_cases(device="cpu", dtype=torch.float32, batch=16, H=8, P=64, N=128, G=1) -> list[Case]:
@@ -348,6 +360,8 @@ def default_cases(device="cpu", quick: bool = False) -> list[Case]:
     return (fused_recurrent_cases(device, dtype, T=2048 // s)
             + chunk_gated_delta_rule_cases(device, dtype, T=4096 // s)
             + ssd_cases(device, dtype, T=4096 // s)
+            + ssd_cases(device, dtype, T=4096 // s, H=16, P=128, N=128, G=16)  # AHN-Mamba2: a group per head
+            + ([] if quick else ssd_long_cases(device, dtype))
             + ssd_state_update_cases(device, dtype)
             + swa_cases(device, dtype, T=4096 // s)
             + decode_cases(device, dtype))

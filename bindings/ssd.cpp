@@ -1,4 +1,4 @@
-// ahn_kernels._C, ssd part: ScanParams, StateUpdateParams and their CPU launchers.
+// ahn_kernels._C, ssd part: ScanParams, ScanBwdParams, StateUpdateParams and their CPU launchers.
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
@@ -17,15 +17,31 @@ namespace {
 
 // The structs come from Python field by field: guard what would make a kernel read
 // out of bounds or divide by zero before any launcher runs.
-void check(const ahn::ScanParams& p) {
+// What the scan forward and backward share.
+void check_inputs(const ahn::ScanParams& p) {
   AHN_CHECK(p.B >= 0 && p.T >= 0 && p.N >= 0, "B, T and N must be >= 0");
-  AHN_CHECK(p.B * p.T == 0 || (p.x && p.dt && p.Bm && p.Cm && p.y), "x, dt, B, C and y must be set");
-  AHN_CHECK(p.N * p.H == 0 || (p.ht && p.A), "ht and A must be set");
+  AHN_CHECK(p.B * p.T == 0 || (p.x && p.dt && p.Bm && p.Cm), "x, dt, B and C must be set");
+  AHN_CHECK(p.N * p.H == 0 || p.A, "A must be set");
   AHN_CHECK(p.cu_seqlens ? p.B == 1 : p.N == p.B, "N must equal B without cu_seqlens, and B must be 1 with it");
   AHN_CHECK(p.H > 0 && p.G > 0 && p.H % p.G == 0, "G must divide H");
   AHN_CHECK(p.P >= 1 && p.P <= 256 && p.NS >= 1 && p.NS <= 256, "P and NS must be in 1..256");
   AHN_CHECK(p.C >= 1, "C must be >= 1");
   AHN_CHECK(p.W >= 0 && p.S >= 0 && (p.W > 0 || p.S == 0), "W and S must be >= 0, and S = 0 without a window");
+}
+
+void check(const ahn::ScanParams& p) {
+  check_inputs(p);
+  AHN_CHECK(p.B * p.T == 0 || p.y, "y must be set");
+  AHN_CHECK(p.N * p.H == 0 || p.ht, "ht must be set");
+}
+
+void check(const ahn::ScanBwdParams& q) {
+  const ahn::ScanParams& p = q.scan;
+  check_inputs(p);
+  AHN_CHECK(p.B * p.T == 0 || (q.dout && q.dx && q.ddt && q.dB && q.dC), "dout, dx, ddt, dB and dC must be set");
+  AHN_CHECK(q.dA && (p.N * p.H == 0 || (q.dht && q.dh0)), "dA, dht and dh0 must be set");
+  AHN_CHECK(!p.D == !q.dD && !p.z == !q.dz && !p.dt_bias == !q.ddt_bias,
+            "dD, dz and ddt_bias must be set exactly when D, z and dt_bias are");
 }
 
 void check(const ahn::StateUpdateParams& p) {
@@ -76,6 +92,35 @@ void bind_ssd(py::module_& m) {
         check(p);
         py::gil_scoped_release release;
         ahn::launch_ssd_scan_fwd_cpu(p, num_threads);
+      },
+      py::arg("p"), py::arg("num_threads"), "Run on host memory with `num_threads` OpenMP threads.");
+
+  using BP = ahn::ScanBwdParams;
+  py::class_<BP> bwd(m, "SsdScanBwdParams",
+                     "Arguments of the token-serial SSD scan backward: the forward's in `scan`, the upstream "
+                     "gradients and the gradient outputs; see csrc/ssd/ssd.h. Pointers are addresses (int, 0 = null).");
+  bwd.def(py::init<>());
+  bwd.def_readwrite("scan", &BP::scan);
+  pointer_field(bwd, "dout", &BP::dout);
+  pointer_field(bwd, "dht", &BP::dht);
+  pointer_field(bwd, "dx", &BP::dx);
+  pointer_field(bwd, "ddt", &BP::ddt);
+  pointer_field(bwd, "dA", &BP::dA);
+  pointer_field(bwd, "dB", &BP::dB);
+  pointer_field(bwd, "dC", &BP::dC);
+  pointer_field(bwd, "dD", &BP::dD);
+  pointer_field(bwd, "dz", &BP::dz);
+  pointer_field(bwd, "ddt_bias", &BP::ddt_bias);
+  pointer_field(bwd, "dh0", &BP::dh0);
+  bwd.def_readwrite("dout_sb", &BP::dout_sb);
+  bwd.def_readwrite("dout_st", &BP::dout_st);
+  bwd.def_readwrite("dout_sh", &BP::dout_sh);
+  m.def(
+      "launch_ssd_scan_bwd_cpu",
+      [](const BP& p, int num_threads) {
+        check(p);
+        py::gil_scoped_release release;
+        ahn::launch_ssd_scan_bwd_cpu(p, num_threads);
       },
       py::arg("p"), py::arg("num_threads"), "Run on host memory with `num_threads` OpenMP threads.");
 

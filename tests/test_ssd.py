@@ -417,7 +417,7 @@ def test_state_update_matches_fp64_reference(dtype):
 # the compiled CPU kernels (token-serial scan, decode step) against the fp64 token loop
 # ----------------------------------------------------------------------------
 def _require_cpu_kernels():
-    for op_name in ("ssd_chunk_scan", "ssd_state_update"):
+    for op_name in ("ssd_chunk_scan", "ssd_chunk_scan_bwd", "ssd_state_update"):
         if "cpu" not in _backend.available(op_name, "cpu"):
             pytest.skip("ahn_kernels._C was not built")
 
@@ -548,3 +548,131 @@ def test_cpu_state_update_matches_token_loop(opts, dtype):
     assert_close("state", state, state_ref, CPU_KERNEL_FP32)
     assert torch.equal(buf[..., :1], start[..., :1]) and torch.equal(buf[..., 10:], start[..., 10:])
     assert torch.equal(buf[[1, 3]], start[[1, 3]])  # slots no row names
+
+
+# ----------------------------------------------------------------------------
+# the compiled CPU backward against the fp64 explicit backward (itself checked against autograd above)
+# ----------------------------------------------------------------------------
+GRAD_NAMES = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_states")
+
+
+def _bwd_args(inputs, chunk_size, limit, lag):
+    return (inputs["x"], inputs["dt"], inputs["A"], inputs["B"], inputs["C"], chunk_size, inputs["D"], inputs["z"],
+            inputs["dt_bias"], inputs["initial_states"], inputs["cu_seqlens"], inputs["dt_softplus"], *limit, *lag)
+
+
+def _check_cpu_bwd(inputs, chunk_size=64, limit=(0.0, math.inf), lag=(0, 0)):
+    """The kernel's gradients (random upstream gradients of out and of the final states) against
+    ``reference.chunked_bwd`` in fp64: DESIGN §4 tolerances and mamba's allclose."""
+    dtype, N = inputs["x"].dtype, _num_seqs(inputs)
+    dout = torch.randn(inputs["x"].shape).to(dtype)
+    dfinal = torch.randn(N, *inputs["x"].shape[2:], inputs["B"].shape[3])  # [N, H, P, N_state]
+    with _backend.use_backend("cpu"):
+        got = torch.ops.ahn.ssd_chunk_scan_bwd(dout, dfinal, *_bwd_args(inputs, chunk_size, limit, lag))
+    ref_inputs = _cast(inputs)
+    want = reference.chunked_bwd(dout.double(), dfinal.double(), *_bwd_args(ref_inputs, chunk_size, limit, lag)[:12],
+                                 limit, lag if lag[0] else None)
+    rtol, atol = MAMBA_ALLCLOSE[dtype]
+    for k, g, w in zip(GRAD_NAMES, got, want):
+        if w is None:
+            assert g.numel() == 0, f"d{k}: expected an empty placeholder"
+            continue
+        ref_dtype = torch.float32 if k == "initial_states" else inputs[k].dtype
+        assert g.dtype == ref_dtype and g.shape == w.shape, f"d{k}: {g.dtype} {tuple(g.shape)}"
+        assert_close(f"d{k}", g, w, tolerance(dtype, GRAD_KIND[k]))
+        torch.testing.assert_close(g.double(), w, rtol=rtol, atol=atol, msg=lambda m: f"d{k}: {m}")
+    return got
+
+
+def _num_seqs(inputs):
+    cu = inputs["cu_seqlens"]
+    return inputs["x"].shape[0] if cu is None else cu.shape[0] - 1
+
+
+@pytest.mark.parametrize("case", range(len(RECURRENT_CASES)))
+@pytest.mark.parametrize("chunk_size", testing.SSD_CHUNK_SIZES)
+@pytest.mark.parametrize("T", (1, 63, 64, 65, 1000))
+def test_cpu_bwd_matches_fp64_reference(T, chunk_size, case):
+    """ngroups 1, 2 and H; D none, [H] and [H, P]; z; dt_bias; softplus on and off; dt_limit; initial states."""
+    _require_cpu_kernels()
+    opts = dict(RECURRENT_CASES[case])
+    G, limit, shift = opts.pop("G"), opts.pop("dt_limit", (0.0, math.inf)), opts.pop("dt_shift", 0.0)
+    inputs = make_ssd_inputs(2, T, 4, 5, 7, G, **opts)
+    inputs["dt"] = inputs["dt"] + shift
+    _check_cpu_bwd(inputs, chunk_size, limit)
+
+
+def test_cpu_bwd_strong_decay_and_dt_above_20():
+    """Strong decays make both passes fold their scaled states many times; dt above softplus's threshold
+    passes through with slope 1."""
+    _require_cpu_kernels()
+    inputs = make_ssd_inputs(2, 200, 4, 5, 7, 2, D="H", z=True, dt_bias=True, initial_states=True)
+    inputs["dt"] = inputs["dt"] + 3.5
+    _raise_some_dt_above_20(inputs["dt"][:, :20])
+    _check_cpu_bwd(inputs, 256)
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float16, torch.bfloat16))
+@pytest.mark.parametrize("lag", ((0, 0),) + testing.SSD_LAGS)
+def test_cpu_bwd_varlen_lag_matches_fp64_reference(lag, dtype):
+    _require_cpu_kernels()
+    lengths = testing.VARLEN_LENGTHS[0]  # with an empty sequence
+    inputs = make_ssd_inputs(1, sum(lengths), 4, 6, 9, 2, dtype=dtype, D="HP", z=True, dt_bias=True,
+                             initial_states=True, lengths=lengths)
+    _check_cpu_bwd(inputs, 64, lag=lag)
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
+def test_cpu_bwd_red_zone_and_threads(dtype):
+    """Reads and writes stay inside every tensor (NaN guard bands), x and dout are read through strided views,
+    and the gradients are bitwise the same on 1 and 2 threads (one task per sequence and head, fixed-order
+    sums over the heads of a group and over sequences)."""
+    _require_cpu_kernels()
+    lengths, lag, H, P, NS = testing.VARLEN_LENGTHS[1], (3, 1), 4, 5, 7
+    T, N = sum(lengths), len(lengths)
+    inputs = make_ssd_inputs(1, T, H, P, NS, 2, dtype=dtype, D="HP", z=True, dt_bias=True, initial_states=True,
+                             lengths=lengths)
+    zoned, checks = _zoned(inputs)
+    wide, check_wide = testing.red_zone((1, H, T, 9), dtype)  # [B, H, T, 9]: x a permuted slice of it
+    wide[..., 2:7] = inputs["x"].transpose(1, 2)
+    zoned["x"] = wide[..., 2:7].transpose(1, 2)
+    dout_wide, check_dout = testing.red_zone((1, T, H, 8), dtype)  # dout: a slice of a wider row
+    dout_wide.copy_(torch.randn(1, T, H, 8))
+    dout = dout_wide[..., 1:6]
+    dfinal, check_dfinal = testing.red_zone((N, H, P, NS), torch.float32)
+    dfinal.copy_(torch.randn(N, H, P, NS))
+    checks += [check_wide, check_dout, check_dfinal]
+    shapes = [((1, T, H, P), dtype), ((1, T, H), torch.float32), ((H,), torch.float32), ((1, T, 2, NS), dtype),
+              ((1, T, 2, NS), dtype), ((H, P), torch.float32), ((1, T, H, P), dtype), ((H,), torch.float32),
+              ((N, H, P, NS), torch.float32)]
+    results, threads = [], torch.get_num_threads()
+    for n_threads in (1, 2):
+        grads, grad_checks = zip(*(testing.red_zone(shape, dt) for shape, dt in shapes))
+        torch.set_num_threads(n_threads)
+        try:
+            ssd_op.run_chunk_scan_bwd(dout, dfinal, *_bwd_args(zoned, 16, (0.0, math.inf), lag), grads)
+        finally:
+            torch.set_num_threads(threads)
+        for check in (*checks, *grad_checks):
+            check()
+        results.append([g.clone() for g in grads])
+    for k, a, b in zip(GRAD_NAMES, *results):
+        assert torch.equal(a, b), f"d{k} differs between 1 and 2 threads"
+    want = reference.chunked_bwd(dout.double(), dfinal.double(),
+                                 *_bwd_args(_cast(inputs), 16, (0.0, math.inf), lag)[:12], (0.0, math.inf), lag)
+    for k, g, w in zip(GRAD_NAMES, results[0], want):
+        assert_close(f"d{k}", g, w, tolerance(dtype, GRAD_KIND[k]))
+
+
+def test_state_update_equals_chunk_scan_after_1000_steps():
+    """The decode kernel fed token by token and the scan kernel over the same 1000 tokens agree in fp32 to 1e-5
+    relative (outputs and state): the two share a state step but not its schedule (the scan keeps a scaled state)."""
+    _require_cpu_kernels()
+    T = 1000
+    inputs = make_ssd_inputs(2, T, 4, 16, 16, 2, D="HP", z=True, dt_bias=True, initial_states=True)
+    with _backend.use_backend("cpu"):
+        out, final = ssd_chunk_scan(**inputs, chunk_size=256, return_final_states=True)
+        state = inputs["initial_states"].clone()
+        outs = [ssd_state_update(state, **_step_inputs(inputs, t)) for t in range(T)]
+    assert_close("out", torch.stack(outs, 1), out, 1e-5)
+    assert_close("state", state, final, 1e-5)

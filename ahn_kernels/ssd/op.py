@@ -65,25 +65,13 @@ def _D_strides(D) -> tuple[int, int]:
     return (D.stride(0), 0) if D.dim() == 1 else D.stride()
 
 
-def run_chunk_scan(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, cu_seqlens, dt_softplus, dt_min,
-                   dt_max, lag_window, lag_sinks, out, final_states):
-    """Run the compiled CPU scan (token-serial), writing ``out`` and ``final_states`` in place.
-
-    The kernel has no chunks to compute; ``chunk_size`` says where it renormalises its
-    state, so that a scan split at a multiple of it continues bitwise (DESIGN §4).
-
-    out: [B, T, H, P] contiguous in x's dtype; final_states: [N, H, P, N_state] fp32 contiguous.
-    Exposed so that tests can hand the kernel outputs inside red zones.
-    """
-    # The kernel's contract: gates fp32 (any strides), h0 fp32 contiguous, offsets int64. These
-    # locals own the converted tensors until the launch returns.
-    dt, A, D, dt_bias = _gate(dt), _gate(A).contiguous(), _gate(D), _gate(dt_bias)
-    dt_bias = None if dt_bias is None else dt_bias.contiguous()
-    h0 = None if initial_states is None else initial_states.float().contiguous()
-    cu = None if cu_seqlens is None else cu_seqlens.long()
+def _scan_params(x, dt, A, B, C, chunk_size, D, z, dt_bias, h0, cu, dt_softplus, dt_min, dt_max, lag_window,
+                 lag_sinks):
+    """The scan's inputs as the kernels' ``SsdScanParams``: gates fp32 (any strides), h0 fp32 contiguous, offsets
+    int64. The caller keeps the tensors alive until the launch returns."""
     Bsz, T, H, P = x.shape
     p = _backend._C.SsdScanParams()
-    p.x, p.dt, p.A, p.B_ptr, p.C_ptr, p.y, p.ht = (t.data_ptr() for t in (x, dt, A, B, C, out, final_states))
+    p.x, p.dt, p.A, p.B_ptr, p.C_ptr = (t.data_ptr() for t in (x, dt, A, B, C))
     p.D, p.z, p.dt_bias, p.h0, p.cu_seqlens = (0 if t is None else t.data_ptr() for t in (D, z, dt_bias, h0, cu))
     p.B, p.T, p.N = Bsz, T, _num_seqs(x, cu)
     p.H, p.G, p.P, p.NS = H, B.shape[2], P, B.shape[3]
@@ -98,7 +86,51 @@ def run_chunk_scan(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, cu
         p.D_sh, p.D_sp = _D_strides(D)
     p.dt_softplus, p.dt_min, p.dt_max = dt_softplus, dt_min, dt_max
     p.dtype = _DTYPE_CODE[x.dtype]
+    return p
+
+
+def _kernel_inputs(dt, A, D, dt_bias, initial_states, cu_seqlens):
+    """dt, A, D, dt_bias, h0 and offsets in the kernels' contract (see ``_scan_params``)."""
+    dt_bias = None if dt_bias is None else _gate(dt_bias).contiguous()
+    h0 = None if initial_states is None else initial_states.float().contiguous()
+    cu = None if cu_seqlens is None else cu_seqlens.long()
+    return _gate(dt), _gate(A).contiguous(), _gate(D), dt_bias, h0, cu
+
+
+def run_chunk_scan(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, cu_seqlens, dt_softplus, dt_min,
+                   dt_max, lag_window, lag_sinks, out, final_states):
+    """Run the compiled CPU scan (token-serial), writing ``out`` and ``final_states`` in place.
+
+    The kernel has no chunks to compute; ``chunk_size`` says where it renormalises its
+    state, so that a scan split at a multiple of it continues bitwise (DESIGN §4).
+
+    out: [B, T, H, P] contiguous in x's dtype; final_states: [N, H, P, N_state] fp32 contiguous.
+    Exposed so that tests can hand the kernel outputs inside red zones.
+    """
+    dt, A, D, dt_bias, h0, cu = _kernel_inputs(dt, A, D, dt_bias, initial_states, cu_seqlens)
+    p = _scan_params(x, dt, A, B, C, chunk_size, D, z, dt_bias, h0, cu, dt_softplus, dt_min, dt_max, lag_window,
+                     lag_sinks)
+    p.y, p.ht = out.data_ptr(), final_states.data_ptr()
     _backend._C.launch_ssd_scan_fwd_cpu(p, torch.get_num_threads())
+
+
+def run_chunk_scan_bwd(dout, dfinal_states, x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, cu_seqlens,
+                       dt_softplus, dt_min, dt_max, lag_window, lag_sinks, grads):
+    """Run the compiled CPU scan backward (two token-serial passes), writing ``grads`` in place.
+
+    dout: [B, T, H, P] in x's dtype, last dim contiguous; dfinal_states: [N, H, P, N_state] fp32 contiguous.
+    grads: dx [B, T, H, P], ddt [B, T, H] fp32, dA [H] fp32, dB, dC [B, T, G, N_state], dD (D's shape, fp32),
+    dz [B, T, H, P], ddt_bias [H] fp32, dinitial_states [N, H, P, N_state] fp32; all contiguous, x's dtype where
+    not said; dD, dz, ddt_bias None exactly when D, z, dt_bias are. Exposed for the red-zone tests.
+    """
+    dt, A, D, dt_bias, h0, cu = _kernel_inputs(dt, A, D, dt_bias, initial_states, cu_seqlens)
+    q = _backend._C.SsdScanBwdParams()
+    q.scan = _scan_params(x, dt, A, B, C, chunk_size, D, z, dt_bias, h0, cu, dt_softplus, dt_min, dt_max,
+                          lag_window, lag_sinks)
+    q.dout, q.dht = dout.data_ptr(), dfinal_states.data_ptr()
+    q.dout_sb, q.dout_st, q.dout_sh = dout.stride()[:3]
+    q.dx, q.ddt, q.dA, q.dB, q.dC, q.dD, q.dz, q.ddt_bias, q.dh0 = (0 if g is None else g.data_ptr() for g in grads)
+    _backend._C.launch_ssd_scan_bwd_cpu(q, torch.get_num_threads())
 
 
 def run_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices, out):
@@ -141,9 +173,35 @@ def _fwd(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, cu_seqlens, 
     return out.contiguous(), final_states.contiguous()
 
 
+def _bwd_cpu(dout, dfinal_states, x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, cu_seqlens,
+             dt_softplus, dt_min, dt_max, lag_window, lag_sinks):
+    """The CPU kernel's gradients, in the op's output convention (see ``_bwd``)."""
+    def fp32(t):
+        return None if t is None else torch.empty(t.shape, dtype=torch.float32)
+
+    # autograd may hand an expanded (stride-0) gradient: the kernel reads rows with unit stride
+    dout = dout.to(x.dtype)
+    dout = dout if dout.stride(-1) == 1 else dout.contiguous()
+    grads = (x.new_empty(x.shape),  # dx [B, T, H, P]
+             fp32(dt), fp32(A),  # ddt [B, T, H], dA [H]
+             B.new_empty(B.shape), C.new_empty(C.shape),  # dB, dC [B, T, G, N_state]
+             fp32(D),  # dD [H] or [H, P]
+             None if z is None else z.new_empty(z.shape),  # dz [B, T, H, P]
+             fp32(dt_bias),  # ddt_bias [H]
+             torch.empty(_num_seqs(x, cu_seqlens), *x.shape[2:], B.shape[3]))  # dinitial [N, H, P, N_state] fp32
+    run_chunk_scan_bwd(dout, dfinal_states.float().contiguous(), x, dt, A, B, C, chunk_size, D, z, dt_bias,
+                       initial_states, cu_seqlens, dt_softplus, dt_min, dt_max, lag_window, lag_sinks, grads)
+    dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dinitial = grads
+    return (dx, ddt.to(dt.dtype), dA.to(A.dtype), dB, dC, x.new_empty(0) if D is None else dD.to(D.dtype),
+            x.new_empty(0) if z is None else dz, x.new_empty(0) if dt_bias is None else ddt_bias.to(dt_bias.dtype),
+            dinitial)
+
+
 def _bwd(dout, dfinal_states, x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, cu_seqlens, dt_softplus,
          dt_min, dt_max, lag_window, lag_sinks):
-    _backend.choose("ssd_chunk_scan_bwd", x.device.type)  # no backward kernel yet: the explicit reference runs
+    if _backend.choose("ssd_chunk_scan_bwd", x.device.type) == "cpu" and x.dtype in _DTYPE_CODE:
+        return _bwd_cpu(dout, dfinal_states, x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, cu_seqlens,
+                        dt_softplus, dt_min, dt_max, lag_window, lag_sinks)
     grads = reference.chunked_bwd(dout, dfinal_states, x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states,
                                   cu_seqlens, dt_softplus, (dt_min, dt_max), _lag(lag_window, lag_sinks))
     # an absent D, z or dt_bias has no gradient: an empty tensor holds its slot

@@ -8,112 +8,22 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <type_traits>
 
 #include "common/dispatch.h"
 #include "common/isa.h"
+#include "ssd/cpu_step.h"
 #include "ssd/ssd.h"
 
 namespace ahn {
 namespace {
 
-constexpr int64_t kMaxDim = 256;  // P and NS; the bindings check it
-constexpr float kSoftplusThreshold = 20.f;  // above it softplus(v) = v, as mamba and torch
-// The range of the decay product a scaled state carries: g = h / a and u / a then stay
-// within a factor 2^64 (1.8e19) of h and u, inside float's range (3.4e38) for any sane
-// input, while folds (a pass over the state each) stay rare: every ~44 tokens at a
-// decay of exp(-1) per token.
-constexpr double kMinScale = 0x1p-64;
-
-
-template <class T>
-void load_f32(const T* x, int64_t n, float* out) {
-  for (int64_t i = 0; i < n; ++i) out[i] = to_f32(x[i]);
-}
-
-// The rows a task reads lie a whole token (H P or G NS elements) apart, and a thread
-// stalled on them: the row copy of x took two thirds of the time outside the state pass
-// (perf, bench shape). Fetching the rows kAhead tokens ahead hides that.
-constexpr int64_t kAhead = 4;
-
-template <class T>
-void prefetch(const T* x, int64_t n) {
-  for (int64_t i = 0; i < n * int64_t(sizeof(T)); i += 64) __builtin_prefetch(reinterpret_cast<const char*>(x) + i);
-}
-
-// x [n] as fp32: in place for fp32, else converted into `buf`.
-template <class T>
-const float* as_f32(const T* x, int64_t n, float* buf) {
-  if constexpr (std::is_same_v<T, float>) {
-    return x;
-  } else {
-    load_f32(x, n, buf);
-    return buf;
-  }
-}
-
-// The gates in double, once per token and head (negligible next to the P NS state work),
-// so that the decay reaches the state unrounded (see rows_step and the scan's scale a).
-double step_size(float raw, float bias, bool softplus) {
-  const double v = double(raw) + double(bias);
-  return softplus && v <= kSoftplusThreshold ? std::log1p(std::exp(v)) : v;
-}
-
-// R rows of one head's state, one token, in a single pass: for each row p,
-//   h[p, :] = decay h[p, :] + u[p] B;   y[p] = h[p, :] · C       (DECAY = false: decay = 1).
-// decay = hi + lo, the double-precision decay split into two floats: rounding it to one
-// float puts the same relative error on every element of a head's state at each token,
-// which compounds over the tokens (1.1e-6 relative RMSE from the fp64 oracle after 200
-// tokens at decay ~0.99; 2.6e-7 with the split). Sixteen partial sums per row: GCC
-// vectorises no float reduction without -ffast-math; the 16 lanes are one AVX-512 (two
-// AVX2) register, in a fixed order, so results do not depend on the thread count. R = 4
-// rows share each load of B and C and keep four accumulators in registers.
-template <bool DECAY, int R>
-AHN_ALWAYS_INLINE void rows_step(float* __restrict__ h, int64_t h_sp, int64_t NS, float hi, float lo,
-                      const float* __restrict__ u, const float* __restrict__ Bv, const float* __restrict__ Cv,
-                      float* __restrict__ y) {
-  float acc[R][16] = {};
-  int64_t n = 0;
-  for (; n + 16 <= NS; n += 16)
-    for (int r = 0; r < R; ++r) {
-      float* __restrict__ hr = h + r * h_sp + n;
-      for (int64_t k = 0; k < 16; ++k) {
-        const float s = DECAY ? hi * hr[k] + (lo * hr[k] + u[r] * Bv[n + k]) : hr[k] + u[r] * Bv[n + k];
-        hr[k] = s;
-        acc[r][k] += s * Cv[n + k];
-      }
-    }
-  for (int64_t k = 0; n < NS; ++n, ++k)
-    for (int r = 0; r < R; ++r) {
-      float* hr = h + r * h_sp + n;
-      const float s = DECAY ? hi * hr[0] + (lo * hr[0] + u[r] * Bv[n]) : hr[0] + u[r] * Bv[n];
-      hr[0] = s;
-      acc[r][k] += s * Cv[n];
-    }
-  // Fixed-width halvings: GCC emitted a loop over a variable width as scalar adds, which
-  // cost as much as the state pass itself at NS = 128.
-  for (int r = 0; r < R; ++r) {
-    float s8[8], s4[4];
-    for (int k = 0; k < 8; ++k) s8[k] = acc[r][k] + acc[r][k + 8];
-    for (int k = 0; k < 4; ++k) s4[k] = s8[k] + s8[k + 4];
-    y[r] = (s4[0] + s4[2]) + (s4[1] + s4[3]);
-  }
-}
-
-template <bool DECAY>
-AHN_ALWAYS_INLINE void rows(float* h, int64_t h_sp, int64_t P, int64_t NS, double decay, const float* u,
-                            const float* Bv, const float* Cv, float* y) {
-  const float hi = float(decay), lo = float(decay - double(hi));
-  int64_t p = 0;
-  for (; p + 4 <= P; p += 4) rows_step<DECAY, 4>(h + p * h_sp, h_sp, NS, hi, lo, u + p, Bv, Cv, y + p);
-  for (; p < P; ++p) rows_step<DECAY, 1>(h + p * h_sp, h_sp, NS, hi, lo, u + p, Bv, Cv, y + p);
-}
+using namespace ssd_cpu;
 
 // One token on one head: the state [P, NS] (row stride h_sp) decays by `decay` and
 // absorbs u Bᵀ; y [P] = h C. The decode step.
 AHN_ISA_CLONES void state_step(float* h, int64_t h_sp, int64_t P, int64_t NS, double decay, const float* u,
                                const float* Bv, const float* Cv, float* y) {
-  rows<true>(h, h_sp, P, NS, decay, u, Bv, Cv, y);
+  rows<true, false>(h, h_sp, P, NS, decay, u, Bv, Cv, y);
 }
 
 // The scan's step on a scaled state g = h / a (row stride NS): g += u Bᵀ; y = g C.
@@ -121,13 +31,11 @@ AHN_ISA_CLONES void state_step(float* h, int64_t h_sp, int64_t P, int64_t NS, do
 // FMAs, not four) and rounds nothing of the decay into the state until a fold.
 AHN_ISA_CLONES void scaled_step(float* g, int64_t P, int64_t NS, const float* u, const float* Bv, const float* Cv,
                                 float* y) {
-  rows<false>(g, NS, P, NS, 1.0, u, Bv, Cv, y);
+  rows<false, false>(g, NS, P, NS, 1.0, u, Bv, Cv, y);
 }
 
 // g <- a g, rounded once per element: folds the scale of a scaled state into it.
-AHN_ISA_CLONES void fold(float* g, int64_t n, double a) {
-  for (int64_t i = 0; i < n; ++i) g[i] = float(double(g[i]) * a);
-}
+AHN_ISA_CLONES void fold(float* g, int64_t n, double a) { scale_in_place(g, n, a); }
 
 // The per-token terms outside the state: y = (y + D x) · silu(z), stored in T.
 template <class T>

@@ -52,6 +52,27 @@ struct ScanParams {
   DType dtype = DType::f32;  // of x, B, C, z and y
 };
 
+// The scan's backward: the gradients of ScanParams' y and ht w.r.t. its inputs, for the
+// upstream gradients dout (of y) and dht (of ht). `scan` holds the forward's inputs,
+// sizes, strides and flags (its y and ht are unused). Gradients of B and C sum over the
+// heads of a group in head order, and those of A, D, dt_bias over the sequences in
+// sequence order, so results do not depend on the thread count.
+struct ScanBwdParams {
+  ScanParams scan;
+  const void* dout = nullptr;          // [B, T, H, P]   dtype (strides dout_sb, dout_st, dout_sh)
+  const float* dht = nullptr;          // [N, H, P, NS]  fp32 contiguous
+  void* dx = nullptr;                  // [B, T, H, P]   dtype, contiguous
+  float* ddt = nullptr;                // [B, T, H]      fp32, contiguous (of the raw dt)
+  float* dA = nullptr;                 // [H]            fp32
+  void* dB = nullptr;                  // [B, T, G, NS]  dtype, contiguous
+  void* dC = nullptr;                  // [B, T, G, NS]  dtype, contiguous
+  float* dD = nullptr;                 // [H, P], or [H] when scan.D_sp = 0; fp32; set iff scan.D is
+  void* dz = nullptr;                  // [B, T, H, P]   dtype, contiguous; set iff scan.z is
+  float* ddt_bias = nullptr;           // [H]            fp32; set iff scan.dt_bias is
+  float* dh0 = nullptr;                // [N, H, P, NS]  fp32 contiguous (also without scan.h0)
+  int64_t dout_sb = 0, dout_st = 0, dout_sh = 0;
+};
+
 // One decode step (no dt clamp, as mamba's selective_state_update): row b updates
 // state[idx[b]] (state[b] when idx is null) in place and writes y[b].
 struct StateUpdateParams {
@@ -84,6 +105,9 @@ struct StateUpdateParams {
 // CPU: OpenMP over sequences x heads, each task token-serial with its state in
 // cache, so results do not depend on `num_threads`.
 void launch_ssd_scan_fwd_cpu(const ScanParams& p, int num_threads);
+// CPU: OpenMP over sequences x heads, each task two token-serial passes (see bwd_cpu.cpp),
+// then fixed-order sums over heads and sequences.
+void launch_ssd_scan_bwd_cpu(const ScanBwdParams& p, int num_threads);
 // CPU: OpenMP over rows x heads.
 void launch_ssd_state_update_cpu(const StateUpdateParams& p, int num_threads);
 
