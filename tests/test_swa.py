@@ -10,7 +10,7 @@ import torch
 import ahn_kernels
 from ahn_kernels import _backend, swa_attention
 from ahn_kernels.swa import reference
-from ahn_kernels.swa.op import run_cpu
+from ahn_kernels.swa.op import run_cpu, run_cpu_bwd
 from ahn_kernels.testing import (
     AWKWARD_T,
     CPU_KERNEL_FP32,
@@ -229,7 +229,7 @@ DTYPE_CASES = [  # (B, T, HQ, HK, D, W, S, lengths)
 
 
 def _max_err(a, b):
-    return (a.double() - b.double()).abs().max().item()
+    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
 
 
 @pytest.mark.parametrize("dtype", LOW_DTYPES)
@@ -412,3 +412,145 @@ def test_kernel_threads_bitwise():
         torch.set_num_threads(threads)
     for a, b in zip(*outs):
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+# ----------------------------------------------------------------------------
+# 7. the compiled CPU backward vs the fp64 masked spec
+# ----------------------------------------------------------------------------
+BWD_T = (1, 63, 64, 65, 1000)
+BWD_WINDOWS = (1, 16, 100, "T+5", None)
+BWD_HEADS = ((1, 1), (4, 2), (8, 1))  # GQA ratios 1, 2, 8
+BWD_HEAD_DIMS = (7, 128)
+
+
+def _bwd_sinks(W):
+    """None, one, a block's worth, more than the window (full causal: sinks change nothing)."""
+    return (0, 3) if W is None else (0, 1, 64, W + 2)
+
+
+def _kernel_grads(q, k, v, W, S, do, dlse, cu=None):
+    """(o, lse, dq, dk, dv) through the public function; fails if another backend would run either pass."""
+    with ahn_kernels.use_backend("cpu"):
+        assert _backend.choose("swa_attention_bwd", "cpu") == "cpu"
+        return _op_grads(q, k, v, W, S, do, dlse, cu, public=True)
+
+
+def _fp32_floor(ref):
+    """Two fp32 rounding steps at the reference's magnitude (flash-attention's CuTe and Hopper tests add
+    the same floor, ``2 * (ref + 0.3 - 0.3 - ref).abs().max()``): where the spec run in the same dtype
+    happens to round exactly, a kernel that accumulates in fp32 cannot do better than this."""
+    r = ref.float()
+    return 2 * (r + 0.3 - 0.3 - r).abs().max().item() if r.numel() else 0.0
+
+
+def _blockwise_grads(q, k, v, W, S, do, dlse, cu=None):
+    """(dq, dk, dv) of the blockwise reference, forward and backward, in q's dtype."""
+    scale = q.shape[-1] ** -0.5
+    o, lse = reference.blockwise(q, k, v, W, S, scale, cu)
+    return reference.blockwise_bwd(do, dlse, q, k, v, o, lse, W, S, scale, cu)
+
+
+def _check_kernel_grads(q, k, v, W, S, cu=None, case=""):
+    """Gradients against the fp64 spec: the tolerance table, and max error <= 3x that of the reference in q's dtype.
+
+    The same-dtype run is the blockwise reference, the formulation the kernel computes: its
+    delta = rowsum(dO · O) does not cancel dP's rounding the way the spec's softmax backward
+    rowsum(P · dP) does (exactly, when a row sees one key), so against the spec in fp32 any
+    flash backward, the blockwise reference too, has up to ~30x its max error.
+    """
+    dtype = q.dtype
+    do, dlse = _upstream(q, torch.float32)
+    do = do.to(dtype)
+    got = _kernel_grads(q, k, v, W, S, do, dlse, cu)[2:]
+    ref = _masked_grads(q.double(), k.double(), v.double(), W, S, do.double(), dlse.double(), cu)[2:]
+    same = _blockwise_grads(q, k, v, W, S, do, dlse, cu)
+    for name, a, b, c in zip(("dq", "dk", "dv"), got, ref, same):
+        assert a.dtype == dtype and a.is_contiguous(), f"{name} {case}: {a.dtype}, contiguous={a.is_contiguous()}"
+        assert_close(f"{name} {case}", a, b, tolerance(dtype, "grad"))
+        err, err_same = _max_err(a, b), _max_err(c, b)
+        assert err <= 3 * err_same + _fp32_floor(b), f"{name} {case}: max error {err:.3e} > 3 x {err_same:.3e}"
+
+
+@pytest.mark.parametrize("W", BWD_WINDOWS)
+@pytest.mark.parametrize("T", BWD_T)
+def test_kernel_bwd_matches_masked(T, W):
+    """Every (T, W, S) in fp32; heads and D rotate so that each meets every window and length."""
+    _require_kernel()
+    W = T + 5 if W == "T+5" else W
+    for n, S in enumerate(_bwd_sinks(W)):
+        i = BWD_T.index(T) + n
+        (HQ, HK), D = BWD_HEADS[i % len(BWD_HEADS)], BWD_HEAD_DIMS[(i + (W or 0)) % len(BWD_HEAD_DIMS)]
+        B = 1 if T == 1000 else 2
+        q, k, v = swa_inputs(B, T, HQ, HK, D)
+        _check_kernel_grads(q, k, v, W, S, case=f"T={T} W={W} S={S} HQ={HQ} HK={HK} D={D}")
+
+
+@pytest.mark.parametrize("lengths", [*VARLEN_LENGTHS, (0,)])
+@pytest.mark.parametrize("W, S", [(16, 3), (1, 0), (None, 0), (64, 66)])
+def test_kernel_bwd_varlen(lengths, W, S):
+    _require_kernel()
+    q, k, v = swa_inputs(1, sum(lengths), 8, 2, 60)
+    _check_kernel_grads(q, k, v, W, S, seqlens_to_cu(lengths, dtype=torch.int32), case=f"{lengths}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("B, T, HQ, HK, D, W, S, lengths", KERNEL_LOW_CASES)
+def test_kernel_bwd_low_precision(dtype, B, T, HQ, HK, D, W, S, lengths):
+    _require_kernel()
+    cu = None if lengths is None else seqlens_to_cu(lengths)
+    T = sum(lengths) if lengths is not None else T
+    q, k, v = swa_inputs(B, T, HQ, HK, D, dtype)
+    _check_kernel_grads(q, k, v, W, S, cu, case=f"{dtype}")
+
+
+def test_kernel_bwd_strided_bitwise():
+    """Strided q, k, v and upstream gradient (last dim contiguous): bitwise the contiguous result."""
+    _require_kernel()
+    qkv = torch.randn(2, 130, 12, 60)
+    q, k, v = qkv[:, :, 1:9], qkv[:, :, 9:11], torch.randn(130, 2, 2, 60).transpose(0, 1)
+    do = torch.randn(2, 8, 130, 60).transpose(1, 2)  # [B, T, HQ, D] from a head-major buffer
+    dlse = torch.randn(2, 8, 130)
+    for W, S in ((16, 3), (None, 0)):
+        got = _kernel_grads(q, k, v, W, S, do, dlse)
+        want = _kernel_grads(q.contiguous(), k.contiguous(), v.contiguous(), W, S, do.contiguous(), dlse)
+        for a, b in zip(got, want):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", LOW_DTYPES)
+@pytest.mark.parametrize("lengths", [None, VARLEN_LENGTHS[1]])
+def test_kernel_bwd_red_zones(dtype, lengths):
+    """The backward writes exactly dq [B, T, HQ, D] and dk, dv [B, T, HK, D], nothing around them."""
+    _require_kernel()
+    B, T = (2, 65) if lengths is None else (1, sum(lengths))
+    cu = None if lengths is None else seqlens_to_cu(lengths)
+    q, k, v = swa_inputs(B, T, 8, 2, 60, dtype)
+    o, lse = _kernel(q, k, v, 16, 3, cu)
+    do, dlse = _upstream(o)
+    zones = [red_zone((B, T, 8, 60), dtype), red_zone((B, T, 2, 60), dtype), red_zone((B, T, 2, 60), dtype)]
+    run_cpu_bwd(do, dlse.float(), q, k, v, o, lse, 16, 3, 60 ** -0.5, cu, *(z[0] for z in zones))
+    for _, check in zones:
+        check()
+    want = torch.ops.ahn.swa_attention_bwd(do, dlse.float(), q, k, v, o, lse, 16, 3, 60 ** -0.5, cu)
+    for (got, _), w in zip(zones, want):
+        assert torch.equal(got, w)
+
+
+def test_kernel_bwd_threads_bitwise():
+    """Every gradient row is summed by one task in a fixed order: 1 and 2 threads give the same bits."""
+    _require_kernel()
+    q, k, v = swa_inputs(1, 333, 8, 2, 64)
+    do, dlse = _upstream(q)
+    cu = seqlens_to_cu((100, 0, 233))
+    threads = torch.get_num_threads()
+    try:
+        outs = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            outs.append([_kernel_grads(q, k, v, W, S, do, dlse, c)
+                         for W, S, c in ((16, 3, None), (64, 70, cu), (None, 0, None))])
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*outs):
+        for x, y in zip(a, b):
+            assert torch.equal(x, y)
