@@ -1,6 +1,7 @@
 // Sliding-window attention with sinks, backward on CPU: flash-attention 2 style, fp32 math.
 //
-// First delta_i = Σ_d dO_id O_id - dlse_i for every query row (fp32 [B, T, HQ], O(T)).
+// First Σ_d dO_id O_id for every query row (fp32 [B, T, HQ], O(T)); delta_i is that
+// minus dlse_i.
 // Then two kinds of task run side by side; each owns the output rows it writes:
 // - key task (sequence, KV head, keys [j0, j0 + BK)): walks the query tiles that see a
 //   key of the block (the W - 1 tokens after it; every later tile when the block holds
@@ -28,7 +29,7 @@ using namespace swa_cpu;
 struct Scratch {
   int64_t DP;
   std::vector<float> buf;
-  float *Q, *dO, *dQ, *lse, *delta, *P, *dS, *kT, *vT, *K, *dK, *dV, *part;
+  float *Q, *dO, *dQ, *lse, *do_o, *dlse, *P, *dS, *kT, *vT, *K, *dK, *dV, *part;
 
   Scratch(int64_t D, int64_t G) : DP(round_up(D, kPad)) {
     const int64_t M = BQ * G;
@@ -36,9 +37,9 @@ struct Scratch {
         M * DP,   // Q   [M, DP]   scale · q rows; row r = token r / G, query head r % G of the group
         M * DP,   // dO  [M, DP]   upstream gradient rows
         M * DP,   // dQ  [M, DP]   dq / scale of a query task's rows
-        M, M,     // lse, delta [M]
+        M, M, M,  // lse, Σ dO·O, dlse [M]
         M * BK,   // P   [M, BK]   scores, then exp(score - lse)
-        M * BK,   // dS  [M, BK]   dO Vᵀ, then P ∘ (dO Vᵀ - delta)
+        M * BK,   // dS  [M, BK]   dO Vᵀ, then P ∘ ((dO Vᵀ - Σ dO·O) + dlse)
         D * BK,   // kT  [D, BK]   the key block, transposed
         D * BK,   // vT  [D, BK]   the value block, transposed
         BK * DP,  // K   [BK, DP]  the key block
@@ -50,15 +51,18 @@ struct Scratch {
     for (int64_t n : sizes) total += n;
     buf.assign(total, 0.f);
     float* ptr = buf.data();
-    float** fields[] = {&Q, &dO, &dQ, &lse, &delta, &P, &dS, &kT, &vT, &K, &dK, &dV, &part};
-    for (int f = 0; f < 13; ++f) {
+    float** fields[] = {&Q, &dO, &dQ, &lse, &do_o, &dlse, &P, &dS, &kT, &vT, &K, &dK, &dV, &part};
+    for (int f = 0; f < 14; ++f) {
       *fields[f] = ptr;
       ptr += sizes[f];
     }
   }
 };
 
-// P = exp(Q kT - lse) and dS = P ∘ (dO vT - delta) over the block's [M, NK] tile.
+// P = exp(Q kT - lse) and dS = P ∘ ((dO vT - Σ dO·O) + dlse) over the block's [M, NK] tile.
+// dO vT - Σ dO·O cancels: both sums run in the same order with the same fused
+// multiply-adds (`dot` below), so that a row seeing one key (O = v) gets exactly 0 there,
+// and dlse is added after it, not folded into delta, which would round it at |dO·O|.
 template <class I>
 AHN_INLINE void probs(Scratch& s, const Block& b) {
   using V = typename I::vec;
@@ -73,12 +77,12 @@ AHN_INLINE void probs(Scratch& s, const Block& b) {
       mask_row(b, r, p_row, NK);
     else
       std::fill(p_row + b.nk, p_row + NK, kNegInf);
-    const V lse = V{} + s.lse[r], delta = V{} + s.delta[r];
+    const V lse = V{} + s.lse[r], do_o = V{} + s.do_o[r], dlse = V{} + s.dlse[r];
     // Hidden keys give P = 0 and so dS = 0 (their dP, from stale or padding columns, is finite).
     for (int64_t c = 0; c < NK; c += L) {
       const V pr = vexp<I>(load<V>(p_row + c) - lse);
       store<V>(p_row + c, pr);
-      store<V>(ds_row + c, pr * (load<V>(ds_row + c) - delta));
+      store<V>(ds_row + c, pr * ((load<V>(ds_row + c) - do_o) + dlse));
     }
   }
 }
@@ -109,34 +113,46 @@ AHN_INLINE void step_dq(Scratch& s, const Block& b) {
   gemm<I>(b.M, s.DP, b.nk, s.dS, BK, s.K, s.DP, s.dQ, s.DP, 1.f);  // dQ += dS K
 }
 
+// Σ_d a_d b_d in the order, and with the fused multiply-adds where the ISA has them, of
+// the sums of a product tile (one accumulator per element, fed term by term).
+AHN_INLINE float dot(const float* a, const float* b, int64_t n) {
+  float acc = 0.f;
+  for (int64_t d = 0; d < n; ++d) acc += a[d] * b[d];
+  return acc;
+}
+
 // The block steps are built for AVX-512, AVX2+FMA and the baseline, picked once at run time.
 using StepFn = void (*)(Scratch&, const Block&);
+using DotFn = float (*)(const float*, const float*, int64_t);
 struct Steps {
   StepFn dkdv, dq;
+  DotFn dot;
 };
 #if defined(__GNUC__) && defined(__x86_64__)
 __attribute__((target("arch=x86-64-v4"))) void dkdv_avx512(Scratch& s, const Block& b) { step_dkdv<Avx512>(s, b); }
 __attribute__((target("arch=x86-64-v4"))) void dq_avx512(Scratch& s, const Block& b) { step_dq<Avx512>(s, b); }
 __attribute__((target("arch=x86-64-v3"))) void dkdv_avx2(Scratch& s, const Block& b) { step_dkdv<Avx2>(s, b); }
 __attribute__((target("arch=x86-64-v3"))) void dq_avx2(Scratch& s, const Block& b) { step_dq<Avx2>(s, b); }
+__attribute__((target("arch=x86-64-v3"))) float dot_fma(const float* a, const float* b, int64_t n) { return dot(a, b, n); }
 #endif
 void dkdv_baseline(Scratch& s, const Block& b) { step_dkdv<Baseline>(s, b); }
 void dq_baseline(Scratch& s, const Block& b) { step_dq<Baseline>(s, b); }
+float dot_baseline(const float* a, const float* b, int64_t n) { return dot(a, b, n); }
 
 Steps pick_steps() {
   switch (cpu_isa()) {
 #if defined(__GNUC__) && defined(__x86_64__)
-    case CpuIsa::avx512: return {dkdv_avx512, dq_avx512};
-    case CpuIsa::avx2: return {dkdv_avx2, dq_avx2};
+    case CpuIsa::avx512: return {dkdv_avx512, dq_avx512, dot_fma};
+    case CpuIsa::avx2: return {dkdv_avx2, dq_avx2, dot_fma};
 #endif
-    default: return {dkdv_baseline, dq_baseline};
+    default: return {dkdv_baseline, dq_baseline, dot_baseline};
   }
 }
 
 // Loads the tile rows of query tokens [i0, i1) of sequence sq and KV head hk.
 template <class T>
 void load_rows(const SwaBwdParams& p, Scratch& s, const Seq& sq, int64_t hk, int64_t i0, int64_t i1,
-               const float* delta) {
+               const float* do_o) {
   const SwaParams& f = p.fwd;
   const int64_t G = f.HQ / f.HK, D = f.D, DP = s.DP;
   const T* q = static_cast<const T*>(f.q) + sq.b * f.q_sb;
@@ -148,7 +164,8 @@ void load_rows(const SwaBwdParams& p, Scratch& s, const Seq& sq, int64_t hk, int
     for (int64_t d = 0; d < D; ++d) s.Q[r * DP + d] = f.scale * to_f32(qr[d]);
     for (int64_t d = 0; d < D; ++d) s.dO[r * DP + d] = to_f32(dor[d]);
     s.lse[r] = f.lse[(sq.b * f.HQ + h) * f.T + t];
-    s.delta[r] = delta[(sq.b * f.T + t) * f.HQ + h];
+    s.do_o[r] = do_o[(sq.b * f.T + t) * f.HQ + h];
+    s.dlse[r] = p.dlse ? p.dlse[(sq.b * f.HQ + h) * f.T + t] : 0.f;
   }
 }
 
@@ -175,7 +192,7 @@ int64_t query_end(const SwaParams& f, int64_t len, int64_t j0, int64_t nk) {
 
 // Key task: dk, dv of keys [j0, j0 + BK) of sequence n, KV head hk.
 template <class T>
-void key_task(const SwaBwdParams& p, Scratch& s, int64_t n, int64_t hk, int64_t j0, const float* delta,
+void key_task(const SwaBwdParams& p, Scratch& s, int64_t n, int64_t hk, int64_t j0, const float* do_o,
               StepFn step) {
   const SwaParams& f = p.fwd;
   const Seq sq = sequence(f, n);
@@ -187,7 +204,7 @@ void key_task(const SwaBwdParams& p, Scratch& s, int64_t n, int64_t hk, int64_t 
   // Query tiles start at the block's first key: only the first one meets the diagonal.
   for (int64_t i0 = j0; i0 < i_end; i0 += BQ) {
     const int64_t i1 = std::min(i0 + BQ, i_end);
-    load_rows<T>(p, s, sq, hk, i0, i1, delta);
+    load_rows<T>(p, s, sq, hk, i0, i1, do_o);
     step(s, Block{(i1 - i0) * G, G, i0, j0, nk, D, f.W, f.S, block_masked(i0, i1, j0, nk, f.W, f.S)});
   }
   for (int64_t c = 0; c < nk; ++c) {
@@ -201,13 +218,13 @@ void key_task(const SwaBwdParams& p, Scratch& s, int64_t n, int64_t hk, int64_t 
 
 // Query task: dq of query tokens [i0, i0 + BQ) of sequence n, KV head hk's G heads.
 template <class T>
-void query_task(const SwaBwdParams& p, Scratch& s, int64_t n, int64_t hk, int64_t i0, const float* delta,
+void query_task(const SwaBwdParams& p, Scratch& s, int64_t n, int64_t hk, int64_t i0, const float* do_o,
                 StepFn step) {
   const SwaParams& f = p.fwd;
   const Seq sq = sequence(f, n);
   const int64_t G = f.HQ / f.HK, D = f.D, DP = s.DP;
   const int64_t i1 = std::min(i0 + BQ, sq.len), M = (i1 - i0) * G;
-  load_rows<T>(p, s, sq, hk, i0, i1, delta);
+  load_rows<T>(p, s, sq, hk, i0, i1, do_o);
   std::fill(s.dQ, s.dQ + M * DP, 0.f);
   auto visit = [&](int64_t j0, int64_t j1) {
     for (; j0 < j1; j0 += BK) {
@@ -251,28 +268,30 @@ void run(const SwaBwdParams& p, int num_threads) {
   const int64_t HK = f.HK, tasks = int64_t(blocks.size()) * HK, rows = f.B * f.T;
   if (tasks == 0) return;
   static const Steps steps = pick_steps();
-  std::vector<float> delta(rows * f.HQ);  // [B, T, HQ]
+  std::vector<float> do_o(rows * f.HQ);  // [B, T, HQ] Σ_d dO·O
 #pragma omp parallel num_threads(num_threads)
   {
+    Scratch s(f.D, f.HQ / f.HK);
 #pragma omp for schedule(static)
     for (int64_t bt = 0; bt < rows; ++bt) {
       const int64_t b = bt / f.T, t = bt % f.T;
       for (int64_t h = 0; h < f.HQ; ++h) {
         const T* dor = static_cast<const T*>(p.dout) + b * p.do_sb + t * p.do_st + h * p.do_sh;
         const T* o = static_cast<const T*>(f.o) + (bt * f.HQ + h) * f.D;
-        float acc = 0.f;
-        for (int64_t d = 0; d < f.D; ++d) acc += to_f32(dor[d]) * to_f32(o[d]);
-        delta[bt * f.HQ + h] = acc - (p.dlse ? p.dlse[(b * f.HQ + h) * f.T + t] : 0.f);
+        for (int64_t d = 0; d < f.D; ++d) {  // fp32 rows, as the tiles hold them
+          s.dO[d] = to_f32(dor[d]);
+          s.Q[d] = to_f32(o[d]);
+        }
+        do_o[bt * f.HQ + h] = steps.dot(s.dO, s.Q, f.D);
       }
     }
-    Scratch s(f.D, f.HQ / f.HK);
 #pragma omp for schedule(dynamic)
     for (int64_t task = 0; task < tasks; ++task) {
       const Task& tk = blocks[task / HK];
       if (tk.keys)
-        key_task<T>(p, s, tk.n, task % HK, tk.pos, delta.data(), steps.dkdv);
+        key_task<T>(p, s, tk.n, task % HK, tk.pos, do_o.data(), steps.dkdv);
       else
-        query_task<T>(p, s, tk.n, task % HK, tk.pos, delta.data(), steps.dq);
+        query_task<T>(p, s, tk.n, task % HK, tk.pos, do_o.data(), steps.dq);
     }
   }
 }
