@@ -52,7 +52,8 @@ def cmd_bench(args) -> int:
     for i, (case, provider) in enumerate(jobs):
         _progress(i, len(jobs), f"{case.name} [{provider}]")
         fn = case.providers[provider]()
-        rows.append((case, provider, benchmarks.time_fn(fn, warmup=1, reps=min(args.reps, case.reps or args.reps))))
+        warmup, reps = (0, case.rounds[provider]) if provider in case.rounds else (1, args.reps)
+        rows.append((case, provider, benchmarks.time_fn(fn, warmup=warmup, reps=reps)))
     _progress(len(jobs), len(jobs), "done")
     print()
     times = {(c.name, p): t for c, p, t in rows}

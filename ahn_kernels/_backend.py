@@ -47,7 +47,7 @@ KERNELS: dict[str, dict[str, tuple[str, ...]]] = {
     "ssd_chunk_scan_bwd": {"cpu": ("cpu",), "cuda": ()},
     "ssd_state_update": {"cpu": ("cpu",), "cuda": ()},
     "swa_attention": {"cpu": ("cpu",), "cuda": ()},
-    "swa_attention_bwd": {"cpu": (), "cuda": ()},
+    "swa_attention_bwd": {"cpu": ("cpu",), "cuda": ()},
     "swa_decode": {"cpu": ("cpu",), "cuda": ()},
     "ahn_evict_update": {"cpu": ("cpu",), "cuda": ()},
 }

@@ -36,7 +36,7 @@ class Case:
     peer: str                        # provider the speed-up is measured against
     providers: dict[str, Callable[[], Callable[[], object]]] = field(default_factory=dict)
     flops: float | None = None       # useful FLOPs per call of the ahn algorithm, if counted
-    reps: int | None = None          # cap on timed runs per provider (a peer taking seconds per call)
+    rounds: dict[str, int] = field(default_factory=dict)  # provider -> timed runs without warm-up (slow peers)
 
     @property
     def name(self) -> str:
@@ -199,7 +199,7 @@ def ssd_long_cases(device="cpu", dtype=torch.float32, T=16384) -> list[Case]:
     if device != "cpu":
         return []
     case = _ssd_case(device, dtype, T, 8, 64, 128, 1, "fwd+bwd")
-    case.reps = 1
+    case.rounds = {case.peer: 1}
     return [case]
 
 
@@ -237,7 +237,26 @@ def window_mask(T: int, window_size: int, num_sinks: int, device) -> torch.Tenso
     return (j <= i) & ((i - j < window_size) | (j < num_sinks))
 
 
-def _swa_case(device, dtype, T, HQ, HK, D, W, S, mode) -> Case:
+def _flex_window(q, k, v, W: int, S: int):
+    """Provider factory: flex_attention, compiled, with the window + sinks rule as its mask_mod.
+
+    q [B, HQ, T, D], k, v [B, HK, T, D]. The block mask and the compile (a minute on a CPU)
+    happen when the provider is first built, not when the case is listed.
+    """
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx) & ((q_idx - kv_idx < W) | (kv_idx < S))
+
+    def build():
+        T = q.shape[2]
+        block_mask = create_block_mask(mask_mod, None, None, T, T, device=q.device)
+        flex = torch.compile(flex_attention, fullgraph=True)
+        return lambda: flex(q, k, v, block_mask=block_mask, enable_gqa=True)
+    return build
+
+
+def _swa_case(device, dtype, T, HQ, HK, D, W, S, mode, flex=False) -> Case:
     grad = mode == "fwd+bwd"
     q = _rand(1, T, HQ, D, device=device, dtype=dtype, requires_grad=grad)
     k = _rand(1, T, HK, D, device=device, dtype=dtype, requires_grad=grad)
@@ -248,6 +267,9 @@ def _swa_case(device, dtype, T, HQ, HK, D, W, S, mode) -> Case:
     _add(case, "ahn", lambda: ak.swa_attention(q, k, v, W, S), [q, k, v], grad)
     _add(case, "sdpa_mask", lambda: F.scaled_dot_product_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, enable_gqa=True), [q, k, v], grad)
+    # torch 2.13 raises NotImplementedError for flex_attention's backward on CPU: a forward peer there.
+    if flex and (device != "cpu" or not grad) and _import("torch.nn.attention.flex_attention", "flex_attention"):
+        case.providers["flex_attention"] = _flex_window(*(x.transpose(1, 2) for x in (q, k, v)), W, S)
     # flash-attention has no sink tokens: it runs the same window without them (the cost a user would see).
     fa = _gpu_peer(device, "flash_attn", "flash_attn_func")
     _add(case, "flash_attn", fa and (lambda: fa(q, k, v, causal=True, window_size=(W - 1, 0))), [q, k, v], grad)
@@ -347,6 +369,25 @@ def decode_cases(device="cpu", dtype=torch.float32, W=4096, HQ=16, HK=2, D=128, 
     return [case]
 
 
+def swa_long_cases(device="cpu", dtype=torch.float32, T=4096, HQ=8, HK=2, D=128, W=512, S=64) -> list[Case]:
+    """Forward at 2T and 4T against SDPA (one timed run each: a minute at 4T on 2 CPU threads), at 2T
+    also against flex_attention (its block mask at 4T builds [4T, 4T] int64 index grids: GBs), and
+    its linearity in T at fixed W: 4T tokens against four calls on T tokens."""
+    cases = [_swa_case(device, dtype, n * T, HQ, HK, D, W, S, "fwd", flex=n == 2) for n in (2, 4)]
+    for case in cases:
+        case.rounds = {"sdpa_mask": 1}
+    q = _rand(1, 4 * T, HQ, D, device=device, dtype=dtype)
+    k = _rand(1, 4 * T, HK, D, device=device, dtype=dtype)
+    v = _rand(1, 4 * T, HK, D, device=device, dtype=dtype)
+    parts = [(q[:, i * T:(i + 1) * T], k[:, i * T:(i + 1) * T], v[:, i * T:(i + 1) * T]) for i in range(4)]
+    # Speed-up >= 1 / 1.1 means 4x the tokens cost <= 4.4x the time.
+    linear = Case("swa_attention", f"linearity B1 T{4 * T} vs 4 x T{T} HQ{HQ} HK{HK} D{D} W{W} S{S} "
+                  f"{str(dtype)[6:]} fwd", tokens=4 * T, peer="4 x T/4")
+    _add(linear, "ahn", lambda: ak.swa_attention(q, k, v, W, S), [], False)
+    _add(linear, "4 x T/4", lambda: [ak.swa_attention(*x, W, S) for x in parts], [], False)
+    return cases + [linear]
+
+
 def device_and_dtype(device: str | None = None) -> tuple[str, torch.dtype]:
     """Where benchmarks run (the GPU when present) and in which dtype (bf16 there: the GPU peers' dtype)."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -364,4 +405,5 @@ def default_cases(device="cpu", quick: bool = False) -> list[Case]:
             + ([] if quick else ssd_long_cases(device, dtype))
             + ssd_state_update_cases(device, dtype)
             + swa_cases(device, dtype, T=4096 // s)
-            + decode_cases(device, dtype))
+            + decode_cases(device, dtype)
+            + ([] if quick else swa_long_cases(device, dtype)))

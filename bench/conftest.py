@@ -18,7 +18,8 @@ def run_case(benchmark):
             pytest.skip(f"{provider} is not importable here")
         fn = case.providers[provider]()
         benchmark.group = case.name
-        benchmark.pedantic(fn, rounds=case.reps or ROUNDS, warmup_rounds=1, iterations=1)
+        rounds, warmup = (case.rounds[provider], 0) if provider in case.rounds else (ROUNDS, 1)
+        benchmark.pedantic(fn, rounds=rounds, warmup_rounds=warmup, iterations=1)
         if benchmark.stats is None:  # --benchmark-disable
             return
         median = benchmark.stats.stats.median

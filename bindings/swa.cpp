@@ -25,6 +25,11 @@ void check(const ahn::SwaParams& p) {
   AHN_CHECK(p.W >= 0 && p.S >= 0, "W (0 = full causal) and S must be >= 0");
 }
 
+void check(const ahn::SwaBwdParams& p) {
+  check(p.fwd);
+  AHN_CHECK(p.fwd.B * p.fwd.T == 0 || (p.dout && p.dq && p.dk && p.dv), "dout, dq, dk and dv must be set");
+}
+
 }  // namespace
 
 void bind_swa(py::module_& m) {
@@ -55,6 +60,29 @@ void bind_swa(py::module_& m) {
         check(p);
         py::gil_scoped_release release;
         ahn::launch_swa_fwd_cpu(p, num_threads);
+      },
+      py::arg("p"), py::arg("num_threads"), "Run on host memory with `num_threads` OpenMP threads.");
+
+  using BP = ahn::SwaBwdParams;
+  py::class_<BP> bwd(m, "SwaBwdParams",
+                     "Arguments of the sliding-window attention backward; see csrc/swa/swa.h. "
+                     "Pointers are addresses (int, 0 = null).");
+  bwd.def(py::init<>());
+  bwd.def_readwrite("fwd", &BP::fwd);
+  ahn::pointer_field(bwd, "dout", &BP::dout);
+  ahn::pointer_field(bwd, "dlse", &BP::dlse);
+  ahn::pointer_field(bwd, "dq", &BP::dq);
+  ahn::pointer_field(bwd, "dk", &BP::dk);
+  ahn::pointer_field(bwd, "dv", &BP::dv);
+  bwd.def_readwrite("do_sb", &BP::do_sb);
+  bwd.def_readwrite("do_st", &BP::do_st);
+  bwd.def_readwrite("do_sh", &BP::do_sh);
+  m.def(
+      "launch_swa_bwd_cpu",
+      [](const BP& p, int num_threads) {
+        check(p);
+        py::gil_scoped_release release;
+        ahn::launch_swa_bwd_cpu(p, num_threads);
       },
       py::arg("p"), py::arg("num_threads"), "Run on host memory with `num_threads` OpenMP threads.");
 }

@@ -45,13 +45,8 @@ def _fwd(q, k, v, window_size, num_sinks, softmax_scale, cu_seqlens):
     return reference.blockwise(q, k, v, window_size, num_sinks, softmax_scale, cu_seqlens)
 
 
-def run_cpu(q, k, v, window_size, num_sinks, softmax_scale, cu_seqlens, o, lse):
-    """Run the compiled CPU forward, writing ``o`` and ``lse`` in place.
-
-    o: [B, T, HQ, D] contiguous in q's dtype; lse: [B, HQ, T] fp32 contiguous.
-    Exposed so that tests can hand the kernel outputs inside red zones.
-    """
-    cu = None if cu_seqlens is None else cu_seqlens.long()  # the kernel reads int64 offsets; owned until it returns
+def _params(q, k, v, window_size, num_sinks, softmax_scale, cu, o, lse):
+    """The forward's SwaParams (o and lse are written by the forward, read by the backward)."""
     B, T, HQ, D = q.shape
     p = _backend._C.SwaParams()
     p.q, p.k, p.v, p.o, p.lse = (t.data_ptr() for t in (q, k, v, o, lse))
@@ -65,12 +60,47 @@ def run_cpu(q, k, v, window_size, num_sinks, softmax_scale, cu_seqlens, o, lse):
     p.v_sb, p.v_st, p.v_sh = v.stride()[:3]
     p.scale = softmax_scale
     p.dtype = _DTYPE_CODE[q.dtype]
+    return p
+
+
+def run_cpu(q, k, v, window_size, num_sinks, softmax_scale, cu_seqlens, o, lse):
+    """Run the compiled CPU forward, writing ``o`` and ``lse`` in place.
+
+    o: [B, T, HQ, D] contiguous in q's dtype; lse: [B, HQ, T] fp32 contiguous.
+    Exposed so that tests can hand the kernel outputs inside red zones.
+    """
+    cu = None if cu_seqlens is None else cu_seqlens.long()  # the kernel reads int64 offsets; owned until it returns
+    p = _params(q, k, v, window_size, num_sinks, softmax_scale, cu, o, lse)
     _backend._C.launch_swa_fwd_cpu(p, torch.get_num_threads())
 
 
 def _bwd(do, dlse, q, k, v, o, lse, window_size, num_sinks, softmax_scale, cu_seqlens):
-    _backend.choose("swa_attention_bwd", q.device.type)  # no backward kernel yet: the explicit reference runs
+    if _backend.choose("swa_attention_bwd", q.device.type) == "cpu" and q.dtype in _DTYPE_CODE:
+        dq = torch.empty_like(q, memory_format=torch.contiguous_format)  # [B, T, HQ, D]
+        dk = torch.empty_like(k, memory_format=torch.contiguous_format)  # [B, T, HK, D]
+        dv = torch.empty_like(v, memory_format=torch.contiguous_format)  # [B, T, HK, D]
+        run_cpu_bwd(do, dlse, q, k, v, o, lse, window_size, num_sinks, softmax_scale, cu_seqlens, dq, dk, dv)
+        return dq, dk, dv
     return reference.blockwise_bwd(do, dlse, q, k, v, o, lse, window_size, num_sinks, softmax_scale, cu_seqlens)
+
+
+def run_cpu_bwd(do, dlse, q, k, v, o, lse, window_size, num_sinks, softmax_scale, cu_seqlens, dq, dk, dv):
+    """Run the compiled CPU backward, writing ``dq``, ``dk``, ``dv`` in place.
+
+    do: [B, T, HQ, D] last dim contiguous; dlse: [B, HQ, T] or None; o, lse: the forward's outputs.
+    dq: [B, T, HQ, D], dk, dv: [B, T, HK, D], contiguous in q's dtype.
+    """
+    cu = None if cu_seqlens is None else cu_seqlens.long()  # int64 offsets, owned until the kernel returns
+    # o and lse come from the forward, contiguous (no copy); dlse is the small fp32 [B, HQ, T].
+    o, lse = o.contiguous(), lse.contiguous()
+    dlse = None if dlse is None else dlse.float().contiguous()
+    do = do if do.stride(-1) == 1 else do.contiguous()
+    p = _backend._C.SwaBwdParams()
+    p.fwd = _params(q, k, v, window_size, num_sinks, softmax_scale, cu, o, lse)
+    p.dout, p.dq, p.dk, p.dv = (t.data_ptr() for t in (do, dq, dk, dv))
+    p.dlse = 0 if dlse is None else dlse.data_ptr()
+    p.do_sb, p.do_st, p.do_sh = do.stride()[:3]
+    _backend._C.launch_swa_bwd_cpu(p, torch.get_num_threads())
 
 
 def _decode(q, k_cache, v_cache, k_new, v_new, cache_seqlens, window_size, num_sinks, softmax_scale):

@@ -9,21 +9,17 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <limits>
 #include <utility>
 #include <vector>
 
 #include "common/cpu_gemm.h"
 #include "common/dispatch.h"
-#include "swa/swa.h"
+#include "swa/cpu_common.h"
 
 namespace ahn {
 namespace {
 
-constexpr int64_t BQ = 64;    // query tokens per task (the tile has BQ · G rows)
-constexpr int64_t BK = 64;    // keys per block
-constexpr int64_t kPad = 16;  // D and key columns are padded to the widest vector (16 fp32)
-constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+using namespace swa_cpu;
 
 // Per-thread fp32 scratch (zero-initialised; padding columns stay finite throughout).
 struct Scratch {
@@ -53,37 +49,6 @@ struct Scratch {
   }
 };
 
-// One key block [j0, j0 + nk) against a task's M rows (positions local to the sequence).
-struct Block {
-  int64_t M, G, i0;  // tile rows, query heads per KV head, position of the task's first query
-  int64_t j0, nk;    // position of the first key, keys in the block
-  int64_t D, W, S;
-  bool masked;  // some key of the block is hidden from some row
-};
-
-// exp(x) for x <= 0 (Cephes' expf polynomial, about 1 ulp); 0 below -87, where exp
-// leaves the normal range, so that -inf (a hidden key) gives exactly 0. A scalar expf per
-// score cost more than both products together.
-template <class I>
-AHN_INLINE typename I::vec vexp(typename I::vec x) {
-  using V = typename I::vec;
-  using IV = typename I::ivec;
-  const V lo = V{} - 87.f;
-  const IV under = x < lo;
-  x = under ? lo : x;
-  const V magic = V{} + 12582912.f;  // 1.5 · 2^23: adding it rounds to an integer
-  const V n = (x * 1.44269504088896341f + magic) - magic;
-  const V r = x - n * 0.693359375f + n * 2.12194440e-4f;  // x - n ln 2 in two parts (Cody-Waite)
-  V y = r * 1.9875691500e-4f + 1.3981999507e-3f;
-  y = y * r + 8.3334519073e-3f;
-  y = y * r + 4.1665795894e-2f;
-  y = y * r + 1.6666665459e-1f;
-  y = y * r + 5.0000001201e-1f;
-  y = y * r * r + r + 1.f;
-  const IV e = __builtin_convertvector(n, IV) << 23;  // 2^n into the exponent field
-  return (V)(((IV)y + e) & ~under);
-}
-
 template <class I>
 AHN_INLINE void block_step(Scratch& s, const Block& b) {
   using V = typename I::vec;
@@ -92,16 +57,10 @@ AHN_INLINE void block_step(Scratch& s, const Block& b) {
   gemm<I>(b.M, NK, b.D, s.Q, DP, s.kT, BK, s.P, BK, 0.f);  // scores [M, NK]
   for (int64_t r = 0; r < b.M; ++r) {
     float* row = s.P + r * BK;
-    // Row r sees the block's columns [0, sink_end) and [wlo, hi).
-    int64_t hi = b.nk, sink_end = b.nk, wlo = 0;
-    if (b.masked) {
-      const int64_t i = b.i0 + r / b.G;
-      hi = std::clamp<int64_t>(i - b.j0 + 1, 0, b.nk);
-      sink_end = std::clamp<int64_t>(b.S - b.j0, 0, hi);
-      wlo = b.W ? std::clamp<int64_t>(i - b.W + 1 - b.j0, 0, hi) : 0;
-    }
-    for (int64_t c = sink_end; c < wlo; ++c) row[c] = kNegInf;
-    for (int64_t c = hi; c < NK; ++c) row[c] = kNegInf;
+    if (b.masked)
+      mask_row(b, r, row, NK);
+    else
+      std::fill(row + b.nk, row + NK, kNegInf);
     V vmax = load<V>(row);
     for (int64_t c = L; c < NK; c += L) {
       const V x = load<V>(row + c);
@@ -157,10 +116,8 @@ StepFn pick_block_step() {
 template <class T>
 void run_task(const SwaParams& p, Scratch& s, int64_t n, int64_t hk, int64_t i0, StepFn step) {
   const int64_t G = p.HQ / p.HK, D = p.D, DP = s.DP;
-  const int64_t b = p.cu_seqlens ? 0 : n;
-  const int64_t bos = p.cu_seqlens ? p.cu_seqlens[n] : 0;
-  const int64_t eos = p.cu_seqlens ? p.cu_seqlens[n + 1] : p.T;
-  const int64_t i1 = std::min(i0 + BQ, eos - bos), M = (i1 - i0) * G;
+  const auto [b, bos, len] = sequence(p, n);
+  const int64_t i1 = std::min(i0 + BQ, len), M = (i1 - i0) * G;
   const T* q = static_cast<const T*>(p.q) + b * p.q_sb;
   const T* k = static_cast<const T*>(p.k) + b * p.k_sb + hk * p.k_sh;
   const T* v = static_cast<const T*>(p.v) + b * p.v_sb + hk * p.v_sh;
@@ -175,17 +132,14 @@ void run_task(const SwaParams& p, Scratch& s, int64_t n, int64_t hk, int64_t i0,
 
   auto visit = [&](int64_t j0, int64_t j1) {
     for (; j0 < j1; j0 += BK) {
-      const int64_t nk = std::min(BK, j1 - j0), last = j0 + nk - 1;
+      const int64_t nk = std::min(BK, j1 - j0);
       for (int64_t c = 0; c < nk; ++c) {
         const T* kr = k + (bos + j0 + c) * p.k_st;
         const T* vr = v + (bos + j0 + c) * p.v_st;
         for (int64_t d = 0; d < D; ++d) s.kT[d * BK + c] = to_f32(kr[d]);
         for (int64_t d = 0; d < D; ++d) s.V[c * DP + d] = to_f32(vr[d]);
       }
-      // Every row sees every key iff the last key is at or before the first query and
-      // the last query still has the first key in its window (or the block is all sinks).
-      const bool masked = last > i0 || !(p.W == 0 || i1 - 1 - j0 < p.W || last < p.S);
-      step(s, Block{M, G, i0, j0, nk, D, p.W, p.S, masked});
+      step(s, Block{M, G, i0, j0, nk, D, p.W, p.S, block_masked(i0, i1, j0, nk, p.W, p.S)});
     }
   };
   // The sinks left of the window span are visible to every row of the task (they are
@@ -207,8 +161,7 @@ template <class T>
 void run(const SwaParams& p, int num_threads) {
   std::vector<std::pair<int64_t, int64_t>> blocks;  // (sequence, first query token of the block)
   for (int64_t n = 0; n < p.N; ++n) {
-    const int64_t len = p.cu_seqlens ? p.cu_seqlens[n + 1] - p.cu_seqlens[n] : p.T;
-    for (int64_t i0 = 0; i0 < len; i0 += BQ) blocks.emplace_back(n, i0);
+    for (int64_t i0 = 0; i0 < sequence(p, n).len; i0 += BQ) blocks.emplace_back(n, i0);
   }
   const int64_t HK = p.HK, tasks = int64_t(blocks.size()) * HK;
   if (tasks == 0) return;

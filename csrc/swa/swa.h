@@ -41,6 +41,27 @@ struct SwaParams {
 // on `num_threads`; fp32 math for every dtype.
 void launch_swa_fwd_cpu(const SwaParams& p, int num_threads);
 
+// Backward inputs and outputs beside the forward's (o and lse are read, not written).
+// With P = exp(s - lse), dP = dO·Vᵀ and delta_i = Σ_d dO_id O_id - dlse_i:
+//   dS = P ∘ (dP - delta),  dq = scale · dS K,  dk = scale · dSᵀ q,  dv = Pᵀ dO,
+// dk and dv summed over the G query heads of a KV head.
+struct SwaBwdParams {
+  SwaParams fwd;                 // q, k, v, o [B, T, HQ, D] contiguous, lse, sizes, strides, scale, dtype
+  const void* dout = nullptr;    // [B, T, HQ, D]  fwd.dtype
+  const float* dlse = nullptr;   // [B, HQ, T]     fp32 contiguous; nullptr = no gradient of lse
+  void* dq = nullptr;            // [B, T, HQ, D]  fwd.dtype, contiguous
+  void* dk = nullptr;            // [B, T, HK, D]  fwd.dtype, contiguous
+  void* dv = nullptr;            // [B, T, HK, D]  fwd.dtype, contiguous
+  int64_t do_sb = 0, do_st = 0, do_sh = 0;  // dout strides (last dim stride 1)
+};
+
+// CPU backward (flash-attention 2 style, recomputing P from the saved lse): dk and dv by
+// (sequence, KV head, key block) tasks that visit the query tiles seeing the block, dq by
+// (sequence, KV head, query block) tasks that visit the forward's key blocks; each output
+// row is owned by one task and summed in a fixed order, so results do not depend on
+// `num_threads`. Work O(T·(W+S)), extra memory O(T); fp32 math for every dtype.
+void launch_swa_bwd_cpu(const SwaBwdParams& p, int num_threads);
+
 }  // namespace ahn
 
 // ---- decode over the AHN ring-buffer cache ----------------------------------------
