@@ -2,7 +2,8 @@
 
 The terminal summary prints, per case, each provider's median, tokens/s and the
 speed-up of ``ahn`` over the case's peer (peer time / ahn time).
-With ``--benchmark-disable`` each provider runs once (a smoke test, as in CI).
+With ``--benchmark-disable`` each provider runs once (a smoke test, as in CI), except the
+peers of ``slow`` cases (tens of seconds each); those cases get one timed run otherwise.
 """
 
 import pytest
@@ -16,9 +17,12 @@ def run_case(benchmark):
     def run(case, provider):
         if provider not in case.providers:
             pytest.skip(f"{provider} is not importable here")
+        if case.slow and provider != "ahn" and benchmark.disabled:
+            pytest.skip(f"{provider} takes tens of seconds here: not run in a smoke test")
         fn = case.providers[provider]()
         benchmark.group = case.name
-        benchmark.pedantic(fn, rounds=ROUNDS, warmup_rounds=1, iterations=1)
+        rounds, warmup = (1, 0) if case.slow else (ROUNDS, 1)
+        benchmark.pedantic(fn, rounds=rounds, warmup_rounds=warmup, iterations=1)
         if benchmark.stats is None:  # --benchmark-disable
             return
         median = benchmark.stats.stats.median
