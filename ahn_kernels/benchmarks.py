@@ -36,7 +36,7 @@ class Case:
     peer: str                        # provider the speed-up is measured against
     providers: dict[str, Callable[[], Callable[[], object]]] = field(default_factory=dict)
     flops: float | None = None       # useful FLOPs per call of the ahn algorithm, if counted
-    rounds: dict[str, int] = field(default_factory=dict)  # provider -> timed runs without warm-up (slow peers)
+    rounds: dict[str, int] = field(default_factory=dict)  # provider -> timed runs without warm-up (peers taking seconds)
 
     @property
     def name(self) -> str:
@@ -107,10 +107,12 @@ def _rand(*shape, device, dtype, requires_grad=False):
 # ----------------------------------------------------------------------------
 # delta rule family
 # ----------------------------------------------------------------------------
-def _gdn_inputs(B, T, H, K, V, device, dtype, requires_grad):
+def _gdn_inputs(B, T, H, K, V, device, dtype, requires_grad, HK=None):
+    """q [B, T, H, K], k [B, T, HK, K], v [B, T, HK, V] (HK = H unless given), g, beta [B, T, H]."""
+    HK = HK or H
     q = _rand(B, T, H, K, device=device, dtype=dtype, requires_grad=requires_grad)
-    k = _rand(B, T, H, K, device=device, dtype=dtype, requires_grad=requires_grad)
-    v = _rand(B, T, H, V, device=device, dtype=dtype, requires_grad=requires_grad)
+    k = _rand(B, T, HK, K, device=device, dtype=dtype, requires_grad=requires_grad)
+    v = _rand(B, T, HK, V, device=device, dtype=dtype, requires_grad=requires_grad)
     g = F.logsigmoid(torch.randn(B, T, H, device=device)).requires_grad_(requires_grad)  # log-decay in (-inf, 0)
     beta = torch.rand(B, T, H, device=device).requires_grad_(requires_grad)
     return q, k, v, g, beta
@@ -139,27 +141,53 @@ def fused_recurrent_cases(device="cpu", dtype=torch.float32, T=2048, H=8, K=128,
     return [gdn, dn]
 
 
-def _chunk_gated_delta_rule_case(device, dtype, T, H, K, V, mode) -> Case:
-    grad = mode == "fwd+bwd"
-    inputs = _gdn_inputs(1, T, H, K, V, device, dtype, grad)
-    q, k, v, g, beta = inputs
-    C = 64
-    flops = 2.0 * T * H * (3 * K * V + 3 * C * K + 2 * C * V)
-    case = Case("chunk_gated_delta_rule", f"B1 T{T} H{H} K{K} V{V} {str(dtype)[6:]} {mode}", tokens=T,
-                peer="transformers", flops=None if grad else flops)
+CHUNK_T = (1024, 4096, 16384)  # the issue's sequence lengths at B = 1, H = 8, K = V = 128
+AHN_HEADS = (16, 2)            # (HQ, HK = HV): AHN's grouped k/v
+
+
+def _chunk_case(op, device, dtype, T, HQ, HK, K, V, mode) -> Case:
+    """One chunk_{gated_}delta_rule case. The peers have no grouped k/v: they get k, v repeated
+    to HQ heads inside the timed call, as a user would; DeltaNet runs transformers' gated rule with g = 0."""
+    grad, gated, C = mode == "fwd+bwd", op == "chunk_gated_delta_rule", 64
+    q, k, v, g, beta = _gdn_inputs(1, T, HQ, K, V, device, dtype, grad, HK=HK)
+    heads = f"H{HQ}" if HK == HQ else f"HQ{HQ} HK{HK}"
+    flops = 2.0 * T * HQ * (3 * K * V + 3 * C * K + 2 * C * V)
+    case = Case(op, f"B1 T{T} {heads} K{K} V{V} {str(dtype)[6:]} {mode}", tokens=T, peer="transformers",
+                flops=None if grad else flops)
+    if grad and T >= 16384:  # the peer takes ~36 s per call here
+        case.rounds = {case.peer: 1}
+
+    def expand(x):  # [1, T, HK, D] -> [1, T, HQ, D]: state head h reads k/v head h // (HQ // HK)
+        return x if HK == HQ else x.repeat_interleave(HQ // HK, dim=2)
+
     kw = dict(use_qk_l2norm_in_kernel=True, output_final_state=True)
     hf = _transformers("qwen3_next", "torch_chunk_gated_delta_rule")
-    fla = _gpu_peer(device, "fla.ops.gated_delta_rule", "chunk_gated_delta_rule")
-    _add(case, "ahn", lambda: ak.chunk_gated_delta_rule(q, k, v, g, beta, **kw), list(inputs), grad)
-    _add(case, "transformers", hf and (lambda: hf(q, k, v, g, beta, chunk_size=C, **kw)), list(inputs), grad)
-    _add(case, "fla", fla and (lambda: fla(q, k, v, g, beta, **kw)), list(inputs), grad)
-    if fla is not None:
+    fla = _gpu_peer(device, f"fla.ops.{'gated_' if gated else ''}delta_rule", op)
+    if gated:
+        inputs = [q, k, v, g, beta]
+        ahn = lambda: ak.chunk_gated_delta_rule(q, k, v, g, beta, **kw)
+        peer = hf and (lambda: hf(q, expand(k), expand(v), g, beta, chunk_size=C, **kw))
+        peer_fla = fla and (lambda: fla(q, expand(k), expand(v), g, beta, **kw))
+    else:
+        inputs = [q, k, v, beta]
+        no_decay = torch.zeros_like(g).detach()  # [1, T, HQ]
+        ahn = lambda: ak.chunk_delta_rule(q, k, v, beta, **kw)
+        peer = hf and (lambda: hf(q, expand(k), expand(v), no_decay, beta, chunk_size=C, **kw))
+        peer_fla = fla and (lambda: fla(q, expand(k), expand(v), beta, **kw))
+    _add(case, "ahn", ahn, inputs, grad)
+    _add(case, "transformers", peer, inputs, grad)
+    _add(case, "fla", peer_fla, inputs, grad)
+    if peer_fla is not None:
         case.peer = "fla"
     return case
 
 
-def chunk_gated_delta_rule_cases(device="cpu", dtype=torch.float32, T=4096, H=8, K=128, V=128) -> list[Case]:
-    return [_chunk_gated_delta_rule_case(device, dtype, T, H, K, V, mode) for mode in ("fwd", "fwd+bwd")]
+def chunk_cases(op, device="cpu", dtype=torch.float32, Ts=CHUNK_T, ahn_T=4096, K=128, V=128) -> list[Case]:
+    """``op`` (chunk_delta_rule or chunk_gated_delta_rule), forward and forward + backward:
+    H = 8 at each T in ``Ts``, then AHN's heads (HQ = 16, HK = HV = 2) at ``ahn_T`` (None: not)."""
+    shapes = [(T, 8, 8) for T in Ts] + ([(ahn_T, *AHN_HEADS)] if ahn_T else [])
+    return [_chunk_case(op, device, dtype, T, HQ, HK, K, V, mode)
+            for T, HQ, HK in shapes for mode in ("fwd", "fwd+bwd")]
 
 
 # ----------------------------------------------------------------------------
@@ -398,8 +426,10 @@ def default_cases(device="cpu", quick: bool = False) -> list[Case]:
     """The table ``python -m ahn_kernels bench`` prints (``quick``: smaller T, for smoke runs)."""
     s = 4 if quick else 1
     device, dtype = device_and_dtype(device)
+    T = 4096 // s
     return (fused_recurrent_cases(device, dtype, T=2048 // s)
-            + chunk_gated_delta_rule_cases(device, dtype, T=4096 // s)
+            + chunk_cases("chunk_gated_delta_rule", device, dtype, Ts=(T,), ahn_T=T)
+            + chunk_cases("chunk_delta_rule", device, dtype, Ts=(T,), ahn_T=None)
             + ssd_cases(device, dtype, T=4096 // s)
             + ssd_cases(device, dtype, T=4096 // s, H=16, P=128, N=128, G=16)  # AHN-Mamba2: a group per head
             + ([] if quick else ssd_long_cases(device, dtype))

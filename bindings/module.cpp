@@ -139,32 +139,12 @@ PYBIND11_MODULE(_C, m) {
       py::arg("p"), py::arg("num_threads"), "Run on host memory with `num_threads` OpenMP threads.");
 
   using CP = ahn::ChunkParams;
-  py::class_<CP> chunk(m, "ChunkParams",
-                       "Arguments of the chunked (WY / UT) delta rule forward with lag; see "
-                       "csrc/delta_rule/delta_rule.h. Pointers are addresses (int, 0 = null).");
+  py::class_<CP, P> chunk(m, "ChunkParams",
+                          "Arguments of the chunked (WY / UT) delta rule forward with lag: FusedRecurrentParams' "
+                          "fields plus C, W, S; see csrc/delta_rule/delta_rule.h.");
   chunk.def(py::init<>());
-  pointer_field(chunk, "q", &CP::q);
-  pointer_field(chunk, "k", &CP::k);
-  pointer_field(chunk, "v", &CP::v);
-  pointer_field(chunk, "g", &CP::g);
-  pointer_field(chunk, "beta", &CP::beta);
-  pointer_field(chunk, "h0", &CP::h0);
-  pointer_field(chunk, "o", &CP::o);
-  pointer_field(chunk, "ht", &CP::ht);
-  pointer_field(chunk, "cu_seqlens", &CP::cu_seqlens);
-  using ChunkField = std::pair<const char*, int64_t CP::*>;
-  const std::initializer_list<ChunkField> chunk_sizes_and_strides = {
-      {"B", &CP::B},         {"T", &CP::T},         {"N", &CP::N},        {"HQ", &CP::HQ},  {"HK", &CP::HK},
-      {"HV", &CP::HV},       {"HS", &CP::HS},       {"K", &CP::K},        {"V", &CP::V},    {"C", &CP::C},
-      {"W", &CP::W},         {"S", &CP::S},         {"q_sb", &CP::q_sb},  {"q_st", &CP::q_st},
-      {"q_sh", &CP::q_sh},   {"k_sb", &CP::k_sb},   {"k_st", &CP::k_st},  {"k_sh", &CP::k_sh},
-      {"v_sb", &CP::v_sb},   {"v_st", &CP::v_st},   {"v_sh", &CP::v_sh},  {"g_sb", &CP::g_sb},
-      {"g_st", &CP::g_st},   {"g_sh", &CP::g_sh},   {"beta_sb", &CP::beta_sb}, {"beta_st", &CP::beta_st},
-      {"beta_sh", &CP::beta_sh}};
-  for (auto [name, field] : chunk_sizes_and_strides) chunk.def_readwrite(name, field);
-  chunk.def_readwrite("scale", &CP::scale);
-  chunk.def_readwrite("l2norm", &CP::l2norm);
-  dtype_field(chunk);
+  for (auto [name, field] : {std::pair<const char*, int64_t CP::*>{"C", &CP::C}, {"W", &CP::W}, {"S", &CP::S}})
+    chunk.def_readwrite(name, field);
   m.def(
       "launch_chunk_fwd_cpu",
       [](const CP& p, int num_threads) {

@@ -321,6 +321,9 @@ _KERNEL_VARIANTS = [
 ]
 KERNEL_CASES = [(T, C, *_KERNEL_VARIANTS[(i + j) % len(_KERNEL_VARIANTS)])
                 for i, T in enumerate(KERNEL_T) for j, C in enumerate(DELTA_CHUNK_SIZES)]
+# T = 1000 (many chunks, a partial last one) in both head layouts and K, V in {60, 100, 128}; two
+# cases only: the fp64 oracle's autograd through 1000 token steps is slow and memory-hungry.
+KERNEL_CASES += [(1000, 64, *_KERNEL_VARIANTS[0]), (1000, 32, *_KERNEL_VARIANTS[1])]
 
 
 def _require_chunk_kernel():

@@ -44,6 +44,24 @@ inline CpuIsa cpu_isa() {
   return CpuIsa::baseline;
 }
 
+// The build of a function for `arch` (a GCC target such as "arch=x86-64-v4"); elsewhere
+// one plain build, and cpu_isa() says baseline.
+#if defined(__GNUC__) && defined(__x86_64__)
+#define AHN_TARGET(arch) __attribute__((target(arch)))
+#else
+#define AHN_TARGET(arch)
+#endif
+
+// Of one step built per ISA (avx512, avx2, baseline), the one for this CPU.
+template <class Fn>
+Fn pick(Fn avx512, Fn avx2, Fn baseline) {
+  switch (cpu_isa()) {
+    case CpuIsa::avx512: return avx512;
+    case CpuIsa::avx2: return avx2;
+    default: return baseline;
+  }
+}
+
 // (-Wpsabi warns that passing wide vectors by value differs between ISAs; these helpers
 // are always inlined, so no call crosses that ABI.)
 #pragma GCC diagnostic ignored "-Wpsabi"

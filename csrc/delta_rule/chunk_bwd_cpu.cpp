@@ -13,7 +13,9 @@
 // This is reference.chunked_bwd with W, U eliminated: the UT solve's two gradients
 // (drk, drv) collapse to drk = -R S_0ᵀ and dL = -strict_lower(R Δᵀ), so one triangular
 // solve on V columns serves all of them. Each task first re-runs its forward, keeping the
-// chunk-start states and Δ (K·V/C + V floats per token, transient), then walks back.
+// chunk-start states and Δ (K·V/C + V floats per token, transient), then walks back. Both
+// walks read each chunk's K Kᵀ from one pass ahead of the tasks (KeyGrams): formed once
+// per chunk and k head, not twice per state head.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -33,13 +35,14 @@ using namespace delta_rule_cpu;
 struct Scratch {
   int64_t K, KP, V, VP, C;
   std::vector<float> buf;
-  float *Xk, *Xq, *KE, *Y, *kT, *KK, *QK, *Gm, *Lneg, *Aqk, *DA, *MS, *PA, *PL;
+  const float* KK = nullptr;  // [c, C] the chunk's K Kᵀ (lower triangle), in KeyGrams
+  float *Xk, *Xq, *KE, *Y, *kT, *QK, *Gm, *Lneg, *Aqk, *DA, *MS, *PA, *PL;
   float *Vr, *P, *DO, *DT, *ST, *dhT, *dh, *R1, *DKE, *DQ, *DK;
   float *beta, *g, *G, *eG, *eend, *dG, *dB, *colE;
 
   Scratch(int64_t K_, int64_t V_, int64_t C_)
       : K(K_), KP(round_up(K_, kPad)), V(V_), VP(round_up(V_, kPad)), C(C_) {
-    float** fields[] = {&Xk, &Xq, &KE, &Y, &kT, &KK, &QK, &Gm, &Lneg, &Aqk, &DA, &MS, &PA, &PL,
+    float** fields[] = {&Xk, &Xq, &KE, &Y, &kT, &QK, &Gm, &Lneg, &Aqk, &DA, &MS, &PA, &PL,
                         &Vr, &P, &DO, &DT, &ST, &dhT, &dh, &R1, &DKE, &DQ, &DK,
                         &beta, &g, &G, &eG, &eend, &dG, &dB, &colE};
     const int64_t sizes[] = {
@@ -47,7 +50,7 @@ struct Scratch {
         C * KP,           // KE   [C, KP]     diag(e) K
         2 * C * KP,       // Y    [2c, KP]    diag(exp G) Q, then -diag(β exp G) K
         K * C,            // kT   [K, C]      Kᵀ
-        C * C, C * C,     // KK, QK [C, C]    K Kᵀ, Q Kᵀ (lower triangles)
+        C * C,            // QK   [C, C]      Q Kᵀ (lower triangle)
         C * C,            // Gm   [C, C]      Γ (lower triangle)
         C * C,            // Lneg [C, C]      -L
         C * C,            // Aqk  [C, C]      lower(Q Kᵀ ⊙ Γ), zero above the diagonal
@@ -77,13 +80,9 @@ struct Scratch {
   }
 };
 
-// The chunk's shared pieces, once k̂, q̂ (reverse pass only), beta and g are loaded:
-// Kᵀ, G, exp(G), e, K Kᵀ, Γ and -L.
-template <class I>
+// The chunk's shared pieces, once k̂, beta, g and s.KK are loaded: G, exp(G), e, Γ and -L.
 AHN_INLINE void prepare(Scratch& s, int64_t c) {
-  const int64_t K = s.K, KP = s.KP, C = s.C, CP = round_up(c, kPad);
-  for (int64_t i = 0; i < c; ++i)
-    for (int64_t d = 0; d < K; ++d) s.kT[d * C + i] = s.Xk[i * KP + d];
+  const int64_t K = s.K, KP = s.KP, C = s.C;
   float acc = 0.f;
   for (int64_t i = 0; i < c; ++i) {
     acc += s.g[i];
@@ -94,7 +93,6 @@ AHN_INLINE void prepare(Scratch& s, int64_t c) {
     s.eend[i] = std::exp(s.G[c - 1] - s.G[i]);
     for (int64_t d = 0; d < K; ++d) s.KE[i * KP + d] = s.eend[i] * s.Xk[i * KP + d];
   }
-  gemm<I>(c, CP, K, s.Xk, KP, s.kT, C, s.KK, C, 0.f, Tri::lower_c);  // K Kᵀ
   for (int64_t i = 0; i < c; ++i)
     for (int64_t j = 0; j <= i; ++j) {
       s.Gm[i * C + j] = std::exp(s.G[i] - s.G[j]);
@@ -106,7 +104,7 @@ AHN_INLINE void prepare(Scratch& s, int64_t c) {
 template <class I>
 AHN_INLINE void forward_step(Scratch& s, int64_t c, float* S, float* D) {
   const int64_t K = s.K, KP = s.KP, VP = s.VP, C = s.C;
-  prepare<I>(s, c);
+  prepare(s, c);
   gemm<I>(c, VP, K, s.Xk, KP, S, VP, s.P, VP, 0.f);  // K S_0
   for (int64_t i = 0; i < c; ++i)
     for (int64_t j = 0; j < VP; ++j) D[i * VP + j] = s.beta[i] * (s.Vr[i * VP + j] - s.eG[i] * s.P[i * VP + j]);
@@ -157,7 +155,8 @@ AHN_INLINE float dot(const float* a, const float* b, int64_t n) {
 template <class I>
 AHN_INLINE void reverse_step(Scratch& s, int64_t c, const float* S0, const float* D) {
   const int64_t K = s.K, KP = s.KP, V = s.V, VP = s.VP, C = s.C, CP = round_up(c, kPad);
-  prepare<I>(s, c);
+  prepare(s, c);
+  transpose(c, K, s.Xk, KP, s.kT, C);
   gemm<I>(c, CP, K, s.Xq, KP, s.kT, C, s.QK, C, 0.f, Tri::lower_c);  // Q Kᵀ
   for (int64_t i = 0; i < c; ++i) {
     for (int64_t j = 0; j <= i; ++j) s.Aqk[i * C + j] = s.QK[i * C + j] * s.Gm[i * C + j];
@@ -245,32 +244,15 @@ struct Steps {
 };
 
 // One x86-64 binary serves every CPU: both steps are built per ISA, picked once.
-#if defined(__GNUC__) && defined(__x86_64__)
-__attribute__((target("arch=x86-64-v4"))) void forward_avx512(Scratch& s, int64_t c, float* S, float* D) {
-  forward_step<Avx512>(s, c, S, D);
-}
-__attribute__((target("arch=x86-64-v4"))) void reverse_avx512(Scratch& s, int64_t c, const float* S, const float* D) {
-  reverse_step<Avx512>(s, c, S, D);
-}
-__attribute__((target("arch=x86-64-v3"))) void forward_avx2(Scratch& s, int64_t c, float* S, float* D) {
-  forward_step<Avx2>(s, c, S, D);
-}
-__attribute__((target("arch=x86-64-v3"))) void reverse_avx2(Scratch& s, int64_t c, const float* S, const float* D) {
-  reverse_step<Avx2>(s, c, S, D);
-}
-#endif
-void forward_baseline(Scratch& s, int64_t c, float* S, float* D) { forward_step<Baseline>(s, c, S, D); }
-void reverse_baseline(Scratch& s, int64_t c, const float* S, const float* D) { reverse_step<Baseline>(s, c, S, D); }
-
-Steps pick_steps() {
-  switch (cpu_isa()) {
-#if defined(__GNUC__) && defined(__x86_64__)
-    case CpuIsa::avx512: return {forward_avx512, reverse_avx512};
-    case CpuIsa::avx2: return {forward_avx2, reverse_avx2};
-#endif
-    default: return {forward_baseline, reverse_baseline};
+#define AHN_DEFINE_STEPS(NAME, TARGET, ISA)                                                                \
+  TARGET void forward_##NAME(Scratch& s, int64_t c, float* S, float* D) { forward_step<ISA>(s, c, S, D); } \
+  TARGET void reverse_##NAME(Scratch& s, int64_t c, const float* S, const float* D) {                      \
+    reverse_step<ISA>(s, c, S, D);                                                                         \
   }
-}
+AHN_DEFINE_STEPS(avx512, AHN_TARGET("arch=x86-64-v4"), Avx512)
+AHN_DEFINE_STEPS(avx2, AHN_TARGET("arch=x86-64-v3"), Avx2)
+AHN_DEFINE_STEPS(baseline, , Baseline)
+#undef AHN_DEFINE_STEPS
 
 // Stores a gradient row [D] (fp32) of an input x with H heads: through the L2 norm of x
 // when l2norm (dx = r dy - r³ x (x · dy)), then one downcast to x's dtype.
@@ -340,7 +322,8 @@ struct Sinks {
 // One task: sequence n, state head h. Writes its rows of dq / dk / dv (or their partials),
 // dbeta and dg, and its dh0.
 template <class T>
-void run_head(const ChunkBwdParams& pb, const Sinks<T>& sink, int64_t n, int64_t h, const Steps& steps_fn) {
+void run_head(const ChunkBwdParams& pb, const Sinks<T>& sink, int64_t n, int64_t h, const Steps& steps_fn,
+              const KeyGrams& kg) {
   const ChunkParams& p = pb.fwd;
   const int64_t K = p.K, V = p.V, C = p.C, HS = p.HS;
   const SeqHead at = seq_head(p, n, h);
@@ -408,6 +391,7 @@ void run_head(const ChunkBwdParams& pb, const Sinks<T>& sink, int64_t n, int64_t
     load(i0, c, false);
     fetch(ci + 1, false);
     std::copy(S.begin(), S.end(), S_start.get() + ci * K * VP);
+    s.KK = kg.at(n, hk, ci);
     steps_fn.forward(s, c, S.data(), deltas.get() + i0 * VP);
   }
 
@@ -417,6 +401,7 @@ void run_head(const ChunkBwdParams& pb, const Sinks<T>& sink, int64_t n, int64_t
     const int64_t i0 = ci * C, c = std::min(C, steps - i0);
     load(i0, c, true);
     fetch(ci - 1, true);
+    s.KK = kg.at(n, hk, ci);
     steps_fn.reverse(s, c, S_start.get() + ci * K * VP, deltas.get() + i0 * VP);
     const int64_t kv = bos + p.S + i0, qo = kv + p.W;
     for (int64_t i = 0; i < c; ++i) {
@@ -450,11 +435,13 @@ void run(const ChunkBwdParams& pb, int num_threads) {
       pb.dbeta[r * HS + h] = 0.f;
       if (pb.dg) pb.dg[r * HS + h] = 0.f;
     }
-  static const Steps steps = pick_steps();
+  static const Steps steps{pick(forward_avx512, forward_avx2, forward_baseline),
+                           pick(reverse_avx512, reverse_avx2, reverse_baseline)};
+  const KeyGrams kg = key_grams(p, num_threads);
   // Dynamic: under varlen, sequences of very different lengths must not pile onto one thread.
 #pragma omp parallel for collapse(2) schedule(dynamic) num_threads(num_threads)
   for (int64_t n = 0; n < N; ++n)
-    for (int64_t h = 0; h < HS; ++h) run_head<T>(pb, sink, n, h, steps);
+    for (int64_t h = 0; h < HS; ++h) run_head<T>(pb, sink, n, h, steps, kg);
   sink.dq.reduce(rows, num_threads);
   sink.dk.reduce(rows, num_threads);
   sink.dv.reduce(rows, num_threads);

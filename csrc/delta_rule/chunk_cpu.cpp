@@ -54,9 +54,9 @@ struct Scratch {
 };
 
 // One chunk of c tokens: X, D (v rows), beta and g are loaded; computes O (unscaled)
-// and advances S.
+// and advances S. kk: the chunk's K Kᵀ (row stride C) when shared (KeyGrams), else null.
 template <class I>
-AHN_INLINE void chunk_step(Scratch& s, int64_t c, bool l2norm) {
+AHN_INLINE void chunk_step(Scratch& s, int64_t c, const float* kk, bool l2norm) {
   const int64_t K = s.K, VP = s.VP, C = s.C, CP = round_up(c, kPad);
   float* const X = s.X;
   if (l2norm)
@@ -70,16 +70,16 @@ AHN_INLINE void chunk_step(Scratch& s, int64_t c, bool l2norm) {
     s.eG[i] = std::exp(acc);
   }
 
-  gemm<I>(c, CP, K, X, K, s.kT, C, s.KQ, C, 0.f, Tri::lower_c);                  // K Kᵀ
+  if (!kk) gemm<I>(c, CP, K, X, K, s.kT, C, s.KQ, C, 0.f, Tri::lower_c);         // K Kᵀ
   gemm<I>(c, CP, K, X + c * K, K, s.kT, C, s.KQ + c * C, C, 0.f, Tri::lower_c);  // Q Kᵀ
   gemm<I>(2 * c, VP, K, X, K, s.S, VP, s.P, VP, 0.f);                             // [K; Q] S_0
 
   for (int64_t i = 0; i < c; ++i) {
-    const float* kk = s.KQ + i * C;
+    const float* kkr = (kk ? kk : s.KQ) + i * C;
     const float* qk = s.KQ + (c + i) * C;
     for (int64_t j = 0; j < i; ++j) {
       const float decay = std::exp(s.G[i] - s.G[j]);
-      s.Akk[i * C + j] = -s.beta[i] * kk[j] * decay;
+      s.Akk[i * C + j] = -s.beta[i] * kkr[j] * decay;
       s.Aqk[i * C + j] = qk[j] * decay;
     }
     s.Aqk[i * C + i] = qk[i];
@@ -105,32 +105,58 @@ AHN_INLINE void chunk_step(Scratch& s, int64_t c, bool l2norm) {
   gemm<I, /*TA=*/true>(K, VP, c, X, K, s.D, VP, s.S, VP, std::exp(G_last));
 }
 
-// One x86-64 binary serves every CPU: the chunk step is built for AVX-512, AVX2+FMA and
-// the baseline, each with its own tile, and picked once at run time.
-using StepFn = void (*)(Scratch&, int64_t, bool);
-#if defined(__GNUC__) && defined(__x86_64__)
-__attribute__((target("arch=x86-64-v4"))) void chunk_step_avx512(Scratch& s, int64_t c, bool l2norm) {
-  chunk_step<Avx512>(s, c, l2norm);
+// One chunk's K Kᵀ for KeyGrams: X [c, K] the k rows (normalised here, as chunk_step
+// does, so both see the same k̂), kT [K, C] scratch, KK [c, C] the lower triangle.
+template <class I>
+AHN_INLINE void key_gram(float* X, int64_t c, int64_t K, int64_t C, bool l2norm, float* kT, float* KK) {
+  if (l2norm)
+    for (int64_t i = 0; i < c; ++i) l2_normalize(X + i * K, K);
+  for (int64_t i = 0; i < c; ++i)
+    for (int64_t d = 0; d < K; ++d) kT[d * C + i] = X[i * K + d];
+  gemm<I>(c, round_up(c, kPad), K, X, K, kT, C, KK, C, 0.f, Tri::lower_c);
 }
-__attribute__((target("arch=x86-64-v3"))) void chunk_step_avx2(Scratch& s, int64_t c, bool l2norm) {
-  chunk_step<Avx2>(s, c, l2norm);
-}
-#endif
-void chunk_step_baseline(Scratch& s, int64_t c, bool l2norm) { chunk_step<Baseline>(s, c, l2norm); }
 
-StepFn pick_chunk_step() {
-  switch (cpu_isa()) {
-#if defined(__GNUC__) && defined(__x86_64__)
-    case CpuIsa::avx512: return chunk_step_avx512;
-    case CpuIsa::avx2: return chunk_step_avx2;
-#endif
-    default: return chunk_step_baseline;
+// One x86-64 binary serves every CPU: the chunk step and the K Kᵀ pass are built for
+// AVX-512, AVX2+FMA and the baseline, each with its own tile, and picked once at run time.
+using StepFn = void (*)(Scratch&, int64_t, const float*, bool);
+using GramFn = void (*)(float*, int64_t, int64_t, int64_t, bool, float*, float*);
+#define AHN_DEFINE_STEPS(NAME, TARGET, ISA)                                                               \
+  TARGET void chunk_step_##NAME(Scratch& s, int64_t c, const float* kk, bool l2) {                        \
+    chunk_step<ISA>(s, c, kk, l2);                                                                        \
+  }                                                                                                       \
+  TARGET void key_gram_##NAME(float* X, int64_t c, int64_t K, int64_t C, bool l2, float* kT, float* KK) { \
+    key_gram<ISA>(X, c, K, C, l2, kT, KK);                                                                \
+  }
+AHN_DEFINE_STEPS(avx512, AHN_TARGET("arch=x86-64-v4"), Avx512)
+AHN_DEFINE_STEPS(avx2, AHN_TARGET("arch=x86-64-v3"), Avx2)
+AHN_DEFINE_STEPS(baseline, , Baseline)
+#undef AHN_DEFINE_STEPS
+
+template <class T>
+void fill_key_grams(const ChunkParams& p, KeyGrams& kg, const std::vector<int64_t>& seq, int num_threads) {
+  static const GramFn gram = pick(key_gram_avx512, key_gram_avx2, key_gram_baseline);
+  const int64_t K = p.K, C = p.C, HK = p.HK, chunks = int64_t(seq.size());
+#pragma omp parallel num_threads(num_threads)
+  {
+    std::vector<float> X(C * K), kT(K * C, 0.f);  // [C, K] k rows, [K, C] their transpose
+#pragma omp for collapse(2) schedule(static)
+    for (int64_t ch = 0; ch < chunks; ++ch)
+      for (int64_t hk = 0; hk < HK; ++hk) {
+        const int64_t n = seq[ch], ci = ch - kg.first[n];
+        const SeqHead at = seq_head(p, n, hk * (p.HS / HK));  // the first state head reading k head hk
+        const int64_t c = std::min(C, absorbed_rows(p, n) - ci * C), kv = at.bos + p.S + ci * C;
+        for (int64_t i = 0; i < c; ++i) {
+          const T* kr = static_cast<const T*>(p.k) + at.k + (kv + i) * p.k_st;
+          for (int64_t d = 0; d < K; ++d) X[i * K + d] = to_f32(kr[d]);
+        }
+        gram(X.data(), c, K, C, p.l2norm, kT.data(), kg.grams.get() + (ch * HK + hk) * C * C);
+      }
   }
 }
 
 // One task: sequence n, state head h.
 template <class T>
-void run_head(const ChunkParams& p, int64_t n, int64_t h, StepFn chunk_step) {
+void run_head(const ChunkParams& p, int64_t n, int64_t h, StepFn chunk_step, const KeyGrams* kg) {
   const int64_t K = p.K, V = p.V, C = p.C;
   const SeqHead at = seq_head(p, n, h);
   const int64_t bos = at.bos, eos = at.eos;
@@ -167,7 +193,7 @@ void run_head(const ChunkParams& p, int64_t n, int64_t h, StepFn chunk_step) {
       prefetch(static_cast<const T*>(p.q) + q0 + (qo + i) * p.q_st, K * sizeof(T));
       prefetch(static_cast<const T*>(p.v) + v0 + (kv + i) * p.v_st, V * sizeof(T));
     }
-    chunk_step(s, c, p.l2norm);
+    chunk_step(s, c, kg ? kg->at(n, at.hk, i0 / C) : nullptr, p.l2norm);
     for (int64_t i = 0; i < c; ++i) {
       T* out = static_cast<T*>(p.o) + o0 + (qo + i) * o_st;
       for (int64_t j = 0; j < V; ++j) out[j] = from_f32<T>(p.scale * s.O[i * VP + j]);  // the one downcast
@@ -182,14 +208,38 @@ void run_head(const ChunkParams& p, int64_t n, int64_t h, StepFn chunk_step) {
 template <class T>
 void run(const ChunkParams& p, int num_threads) {
   const int64_t N = p.N, HS = p.HS;
-  static const StepFn step = pick_chunk_step();
+  static const StepFn step = pick(chunk_step_avx512, chunk_step_avx2, chunk_step_baseline);
+  // With shared k heads their K Kᵀ is formed once up front; else each task forms its own
+  // in cache (a pass over memory would only add traffic).
+  const KeyGrams kg = p.HK < HS ? key_grams(p, num_threads) : KeyGrams{};
+  const KeyGrams* shared = p.HK < HS ? &kg : nullptr;
   // Dynamic: under varlen, sequences of very different lengths must not pile onto one thread.
 #pragma omp parallel for collapse(2) schedule(dynamic) num_threads(num_threads)
   for (int64_t n = 0; n < N; ++n)
-    for (int64_t h = 0; h < HS; ++h) run_head<T>(p, n, h, step);
+    for (int64_t h = 0; h < HS; ++h) run_head<T>(p, n, h, step, shared);
 }
 
 }  // namespace
+
+namespace delta_rule_cpu {
+
+KeyGrams key_grams(const ChunkParams& p, int num_threads) {
+  KeyGrams kg;
+  kg.HK = p.HK;
+  kg.C = p.C;
+  kg.first.assign(p.N + 1, 0);
+  std::vector<int64_t> seq;  // [chunks] the sequence of each chunk
+  for (int64_t n = 0; n < p.N; ++n) {
+    kg.first[n + 1] = kg.first[n] + (absorbed_rows(p, n) + p.C - 1) / p.C;
+    seq.resize(kg.first[n + 1], n);
+  }
+  // Every lower triangle is written before it is read: no zero fill.
+  kg.grams.reset(new float[kg.first[p.N] * p.HK * p.C * p.C]);  // [chunks, HK, C, C]
+  dispatch_dtype(p.dtype, [&](auto tag) { fill_key_grams<decltype(tag)>(p, kg, seq, num_threads); });
+  return kg;
+}
+
+}  // namespace delta_rule_cpu
 
 void launch_chunk_fwd_cpu(const ChunkParams& p, int num_threads) {
   dispatch_dtype(p.dtype, [&](auto tag) { run<decltype(tag)>(p, std::max(num_threads, 1)); });

@@ -1,12 +1,16 @@
 // Pieces shared by the chunked delta rule's CPU forward (chunk_cpu.cpp) and backward
-// (chunk_bwd_cpu.cpp): the in-kernel L2 norm, the unit-lower chunk solve, row prefetch.
+// (chunk_bwd_cpu.cpp): the in-kernel L2 norm (also the fused recurrent kernel's), the
+// unit-lower chunk solve, row prefetch, and the chunks' K Kᵀ formed once per k head.
 #pragma once
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <memory>
+#include <vector>
 
 #include "common/cpu_gemm.h"
+#include "delta_rule/delta_rule.h"
 
 namespace ahn {
 namespace delta_rule_cpu {
@@ -16,7 +20,9 @@ constexpr int64_t kPad = 16;       // head-dim and chunk columns are padded to t
 
 // 1 / sqrt(sum x^2 + eps) over n contiguous floats.
 AHN_INLINE float rnorm(const float* x, int64_t n) {
-  float part[16] = {};  // interleaved partial sums: one running sum is a serial chain of adds
+  // Sixteen interleaved partial sums: one running sum is a serial chain of adds that cost
+  // as much as the fused recurrent kernel's strip update at K = 128.
+  float part[16] = {};
   int64_t i = 0;
   for (; i + 16 <= n; i += 16)
     for (int64_t j = 0; j < 16; ++j) part[j] += x[i + j] * x[i + j];
@@ -55,6 +61,30 @@ AHN_INLINE void solve_unit_lower(int64_t c, const float* Aneg, int64_t lda, floa
 inline void prefetch(const void* p, int64_t bytes) {
   for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(static_cast<const char*>(p) + b);
 }
+
+// Rows sequence n absorbs into the memory (its length less the lag's window and sinks).
+inline int64_t absorbed_rows(const ChunkParams& p, int64_t n) {
+  const SeqHead at = seq_head(p, n, 0);
+  return std::max<int64_t>(0, at.eos - at.bos - p.W - p.S);
+}
+
+// K Kᵀ of every chunk of every k head. It depends on k alone, so the HS / HK state heads
+// that read one k head share it instead of each forming it (AHN: 8 state heads per k head).
+// The pass runs over (chunk, k head) before the per-(sequence, state head) tasks, so it
+// keeps both threads busy at B = 1, HK = 2.
+struct KeyGrams {
+  int64_t HK = 0, C = 0;
+  std::vector<int64_t> first;      // [N + 1] sequence n's chunk ci is chunk first[n] + ci
+  std::unique_ptr<float[]> grams;  // [chunks, HK, C, C] lower triangles (j <= i); the rest unset
+
+  // K Kᵀ of chunk ci of sequence n, k head hk: row stride C.
+  const float* at(int64_t n, int64_t hk, int64_t ci) const {
+    return grams.get() + ((first[n] + ci) * HK + hk) * C * C;
+  }
+};
+
+// Forms them (chunk_cpu.cpp), each k row L2-normalised first when p.l2norm.
+KeyGrams key_grams(const ChunkParams& p, int num_threads);
 
 }  // namespace delta_rule_cpu
 }  // namespace ahn

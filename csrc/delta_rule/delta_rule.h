@@ -47,34 +47,8 @@ struct FusedRecurrentParams {
 // the state absorbs k/v/g/beta rows bos+S .. eos-1-W in order; output row
 // bos+S+W+j reads the state after absorbing row bos+S+j, with q row bos+S+W+j;
 // output rows bos .. min(eos, bos+S+W)-1 are 0. Without lag row t absorbs token t.
-struct ChunkParams {
-  // Pointers (host addresses of the first element).
-  const void* q = nullptr;             // [B, T, HQ, K]  dtype
-  const void* k = nullptr;             // [B, T, HK, K]  dtype
-  const void* v = nullptr;             // [B, T, HV, V]  dtype
-  const float* g = nullptr;            // [B, T, HS]     fp32 log-decay; nullptr for DeltaNet
-  const float* beta = nullptr;         // [B, T, HS]     fp32
-  const float* h0 = nullptr;           // [N, HS, K, V]  fp32 contiguous; nullptr = zeros
-  void* o = nullptr;                   // [B, T, HS, V]  dtype, contiguous
-  float* ht = nullptr;                 // [N, HS, K, V]  fp32 contiguous
-  const int64_t* cu_seqlens = nullptr; // [N + 1]; nullptr = N = B sequences of length T
-
-  // Sizes: batch, tokens, sequences, heads, head dims, chunk, lag window and sinks.
-  int64_t B = 0, T = 0, N = 0;
-  int64_t HQ = 0, HK = 0, HV = 0, HS = 0;
-  int64_t K = 0, V = 0;
-  int64_t C = 64, W = 0, S = 0;
-
-  // Strides in elements over (batch, time, head); the last dim has stride 1.
-  int64_t q_sb = 0, q_st = 0, q_sh = 0;
-  int64_t k_sb = 0, k_st = 0, k_sh = 0;
-  int64_t v_sb = 0, v_st = 0, v_sh = 0;
-  int64_t g_sb = 0, g_st = 0, g_sh = 0;
-  int64_t beta_sb = 0, beta_st = 0, beta_sh = 0;
-
-  float scale = 1.f;
-  bool l2norm = false;
-  DType dtype = DType::f32;  // of q, k, v and o
+struct ChunkParams : FusedRecurrentParams {  // ht must be set; host addresses
+  int64_t C = 64, W = 0, S = 0;  // chunk, lag window and sinks
 };
 
 // Chunked backward: gradients of <o, grad_o> + <ht, grad_ht> w.r.t. q, k, v, beta, g and h0

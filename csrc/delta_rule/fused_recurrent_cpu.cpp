@@ -6,6 +6,7 @@
 
 #include "common/dispatch.h"
 #include "common/isa.h"
+#include "delta_rule/chunk_cpu_common.h"
 #include "delta_rule/delta_rule.h"
 
 namespace ahn {
@@ -21,25 +22,10 @@ namespace {
 // 55-80 ms; token blocks, 31-49 ms (a shared 2-core VM, hence the ranges).
 constexpr int64_t BV = 32;
 constexpr int64_t TB = 16;
-constexpr float kNormEps = 1e-6f;  // inside the sqrt: x / sqrt(sum x^2 + eps), as fla
 
 template <class T>
 void load_f32(const T* x, int64_t n, float* out) {
   for (int64_t i = 0; i < n; ++i) out[i] = to_f32(x[i]);
-}
-
-// Sixteen interleaved partial sums: one running sum is a serial chain of adds that
-// cost as much as a strip update at K = 128.
-AHN_ISA_CLONES void l2_normalize(float* x, int64_t n) {
-  float part[16] = {};
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16)
-    for (int64_t j = 0; j < 16; ++j) part[j] += x[i + j] * x[i + j];
-  for (; i < n; ++i) part[0] += x[i] * x[i];
-  float ss = 0.f;
-  for (float s : part) ss += s;
-  const float r = 1.f / std::sqrt(ss + kNormEps);
-  for (i = 0; i < n; ++i) x[i] *= r;
 }
 
 // One token on one [K, BV] strip: u = beta (v - alpha S_{t-1}ᵀ k);
@@ -112,8 +98,8 @@ void run_head(const FusedRecurrentParams& p, int64_t n, int64_t h) {
       load_f32(static_cast<const T*>(p.k) + k0 + t * p.k_st, K, kb + r * K);
       load_f32(static_cast<const T*>(p.v) + v0 + t * p.v_st, V, vb + r * VP);
       if (p.l2norm) {
-        l2_normalize(qb + r * K, K);
-        l2_normalize(kb + r * K, K);
+        delta_rule_cpu::l2_normalize(qb + r * K, K);
+        delta_rule_cpu::l2_normalize(kb + r * K, K);
       }
       alpha[r] = p.g ? std::exp(p.g[g0 + t * p.g_st]) : 1.f;
       bt[r] = p.beta[beta0 + t * p.beta_st];
