@@ -11,9 +11,9 @@ L = strict_lower(diag(β) K Kᵀ ⊙ Γ), A = (I + L)^-1 and S_0 the state at th
 Three stages, each a kernel:
 1. ``chunk_ut_kernel`` (chunk x k head): K Kᵀ once per k head (AHN's grouped k/v and
    fla's grouped values both share k over several state heads), then per state head
-   of the group the gate prefix sums and A by forward substitution, fp32, to scratch.
+   of the group the gate prefix sums and A (16 x 16 blocks), fp32, to scratch.
 2. ``chunk_state_kernel`` (sequence x state head x V tile): the sequential pass over
-   the sequence's chunks with the fp32 state in registers; stores S_0 and Δ per chunk.
+   the sequence's chunks with the fp32 state; stores S_0 and Δ per chunk.
 3. ``chunk_out_kernel`` (chunk x state head x V tile): the readout, both terms.
 
 Chunks are numbered per sequence into "slots" (``chunk_slots``): slot-indexed
@@ -23,18 +23,25 @@ arithmetic on the full-length inputs: memory step i of a sequence starting at
 without memory are zeroed by the launcher (only under lag). Padded steps past a
 sequence's end load β = g = 0 and k = v = q = 0, which changes nothing.
 
-Precision: gates, prefix sums, A, S_0, Δ and every accumulator are fp32; ``tl.dot``
-takes fp32 operands at IEEE precision for fp32 inputs (tf32 would miss the 1e-5 bar)
-and operands rounded to the input dtype (bf16/fp16, fp32 accumulation) otherwise.
+Precision: gates, prefix sums, A, S_0, Δ and every accumulator are fp32. ``tl.dot``
+multiplies raw 16-bit inputs as they are (q Kᵀ, K Kᵀ: exact products, the l2 norms
+applied after as row / column scales) and computed fp32 tiles (S_0, Δ, A) in tf32;
+for fp32 inputs every product is IEEE fp32 (tf32 would miss the 1e-5 bar). The UT
+inverse is tf32 plus, for fp32 inputs, one IEEE Newton step.
 
 Tiles for H100/H200, untuned (no GPU was available to measure): BT = C (64 by
-default), BK = next_pow2(K) whole (the l2 norm and K S_0 need full rows),
-``chunk_ut_kernel`` forms K Kᵀ over 64-wide K slices, BV = 32 for the state pass
-and 64 for the readout; 4 warps. The forward substitution is a 63-step row loop
-on the [C, C] tile (fla inverts 16 x 16 diagonal blocks and merges them with dots:
-a candidate once it can be measured). Register counts from
-``python -m ahn_kernels.triton_aot`` (ptxas, sm_80 / sm_90, no spills): see the
-table of that command; at BK = 256 the state pass needs ~REGS_STATE.
+default); K in slices of 64 (32 for fp32 inputs: IEEE products run on the FMA
+units); V tiles of 32 in the state pass and 64 in the readout (16 and 16 for fp32);
+8 warps. The state pass keeps S in h_start (L2) rather than in registers, read and
+written per K slice, so no variant holds a whole [K, BV] state. The diagonal blocks of
+the UT inverse take a 15-step row loop of [C, C] products (fla inverts 16 x 16 blocks
+by substitution on the small tiles: a candidate once it can be measured).
+
+Registers and spills (ptxas via ``python -m ahn_kernels.triton_aot``, sm_80 / sm_90, every
+option on): bf16 UT 209 / 211, state pass 176 / 217, readout 209 / 212, no spills, at
+any K (the slices make K a loop count); fp16 alike; fp32 state pass 223 / 203,
+readout 128 / 124, no spills. The one spill: the fp32 UT stage at C = 64 (114 / 160
+words, its Newton step), which runs once per chunk off the sequential path.
 """
 
 from __future__ import annotations
@@ -48,11 +55,11 @@ import triton.language as tl
 
 from ..triton_aot import AOTCase
 
-NUM_WARPS = 4
+NUM_WARPS = 8
 MIN_BK = 16  # tl.dot needs tiles of at least 16
-BK_UT = 64  # K slice of the K Kᵀ accumulation
-BV_STATE = 32
-BV_OUT = 64
+# (K slice of the forward's products, V tile of the state pass, V tile of the readout) per input
+# dtype: fp32 inputs multiply in IEEE fp32 on the FMA units, which needs smaller tiles to fit.
+TILES = {torch.float32: (32, 16, 16), torch.float16: (64, 32, 64), torch.bfloat16: (64, 32, 64)}
 L2NORM_EPS = tl.constexpr(1e-6)
 INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 
@@ -64,8 +71,8 @@ def _dot_in(a, b, DT: tl.constexpr):
     16-bit operands go to the tensor cores as they are: their products are exact in fp32.
     """
     if DT == tl.float32:
-        return tl.dot(a, b, input_precision="ieee")
-    elif INTERPRETED and DT == tl.bfloat16:
+        return _dot_f32(a, b, DT)
+    elif INTERPRETED:
         # Triton 3.9's interpreter multiplies bf16 tiles wrongly (measured: an error of 2e10 on
         # a 16 x 16 product of N(0, 1) entries); the fp32 values are the same numbers.
         return tl.dot(a, b, input_precision="ieee")
@@ -74,21 +81,29 @@ def _dot_in(a, b, DT: tl.constexpr):
 
 
 @triton.jit
-def _dot_f32(a, b, DT: tl.constexpr):
-    """a @ b of computed fp32 tiles (states, Δ, A): IEEE for fp32 inputs, tf32 for 16-bit ones.
-
-    Rounding them to bf16 instead costs 4x the bf16 output bar (measured 1.2e-2 vs 3e-3 relative
-    RMSE of o at T = 130, K = 60, V = 100). The interpreter has no tf32: it truncates the operands
-    to tf32's 10 mantissa bits (at least the hardware's rounding error) and multiplies in fp32.
-    """
-    if DT == tl.float32:
-        return tl.dot(a, b, input_precision="ieee")
-    elif INTERPRETED:
+def _dot_tf32(a, b):
+    """a @ b in tf32 on the tensor cores; the interpreter, which has no tf32, truncates the
+    operands to its 10 mantissa bits (at least the hardware's rounding error) and multiplies in fp32."""
+    if INTERPRETED:
         a = (a.to(tl.uint32, bitcast=True) & 0xFFFFE000).to(tl.float32, bitcast=True)
         b = (b.to(tl.uint32, bitcast=True) & 0xFFFFE000).to(tl.float32, bitcast=True)
         return tl.dot(a, b, input_precision="ieee")
     else:
         return tl.dot(a, b, input_precision="tf32")
+
+
+@triton.jit
+def _dot_f32(a, b, DT: tl.constexpr):
+    """a @ b of computed fp32 tiles (states, Δ, A): IEEE fp32 for fp32 inputs, tf32 for 16-bit ones.
+
+    Rounding them to bf16 instead costs 4x the bf16 output bar (measured 1.2e-2 vs 3e-3 relative
+    RMSE of o at T = 130, K = 60, V = 100). tf32x3 would be fp32-like on the tensor cores but
+    spills (ptxas, sm_90: 1,642 words for one [32, 256] x [256, 32] product; IEEE: none).
+    """
+    if DT == tl.float32:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return _dot_tf32(a, b)
 
 
 @triton.jit
@@ -151,14 +166,16 @@ def _decays(b_g, BT: tl.constexpr):
 
 
 @triton.jit
-def _unit_lower_inverse(b_L, BT: tl.constexpr):
+def _unit_lower_inverse(b_L, BT: tl.constexpr, DT: tl.constexpr):
     """(I + L)^-1 for strictly lower L [BT, BT], fp32, in 16 x 16 blocks.
 
     The diagonal blocks by forward substitution, all blocks at once, one row each step:
     D_r = e_r - Σ_{j<r} L_rj D_j within the block. Then with N = D L_off (L_off: the
     blocks below the diagonal; N is strictly block-lower, so N^4 = 0 for BT <= 64),
     (I + L)^-1 = (I + N)^-1 D = (I - N)(I + N²) D: no truncation, only products
-    that block forward substitution forms too.
+    that block forward substitution forms too. Products in tf32; for fp32 inputs one
+    Newton step in IEEE fp32, X += X (I - (I + L) X), squares tf32's error (IEEE products
+    throughout spill: ptxas, sm_90, 324 words).
     """
     o_t = tl.arange(0, BT)
     m_diag = (o_t[:, None] // 16) == (o_t[None, :] // 16)
@@ -166,11 +183,14 @@ def _unit_lower_inverse(b_L, BT: tl.constexpr):
     b_I = tl.where(o_t[:, None] == o_t[None, :], 1.0, 0.0)
     b_D = b_I
     for i in range(1, 16):  # rows of D before row r are final when r is updated
-        b_D = tl.where((o_t % 16 == i)[:, None], b_I - tl.dot(b_Ld, b_D, input_precision="ieee"), b_D)
+        b_D = tl.where((o_t % 16 == i)[:, None], b_I - _dot_tf32(b_Ld, b_D), b_D)
     if BT > 16:
-        b_N = tl.dot(b_D, tl.where(m_diag, 0.0, b_L), input_precision="ieee")
-        b_N2D = b_D + tl.dot(tl.dot(b_N, b_N, input_precision="ieee"), b_D, input_precision="ieee")
-        b_D = b_N2D - tl.dot(b_N, b_N2D, input_precision="ieee")
+        b_N = _dot_tf32(b_D, tl.where(m_diag, 0.0, b_L))
+        b_N2D = b_D + _dot_tf32(_dot_tf32(b_N, b_N), b_D)
+        b_D = b_N2D - _dot_tf32(b_N, b_N2D)
+    if DT == tl.float32:
+        b_R = b_I - b_D - tl.dot(b_L, b_D, input_precision="ieee")
+        b_D = b_D + tl.dot(b_D, b_R, input_precision="ieee")
     return b_D
 
 
@@ -225,7 +245,7 @@ def chunk_ut_kernel(
             b_g = tl.zeros([BT], dtype=tl.float32)
         _, b_gamma, _ = _decays(b_g, BT)
         b_L = tl.where(m_strict, b_beta[:, None] * b_kk * b_gamma, 0.0)
-        b_A = _unit_lower_inverse(b_L, BT)
+        b_A = _unit_lower_inverse(b_L, BT, DT)
         p_A = A + (i_s.to(tl.int64) * HS + i_h) * BT * BT
         tl.store(p_A + o_t[:, None] * BT + o_t[None, :], b_A)
 
@@ -251,7 +271,12 @@ def chunk_state_kernel(
     STORE_HT: tl.constexpr,
     IS_VARLEN: tl.constexpr,
 ):
-    """The chunks of one sequence in order: S_0 -> h_start, Δ -> delta (both [slots, HS, ., V]), final state -> ht."""
+    """The chunks of one sequence in order: S_0 -> h_start, Δ -> delta (both [slots, HS, ., V]), final state -> ht.
+
+    The state lives in h_start (each chunk's S_0 is stored anyway, and stays in L2), read and
+    written in [BK, BV] slices: a whole [K, BV] fp32 state and a [BT, K] key tile in registers
+    spill at K >= 128 (ptxas, sm_90: 40 words at K = 128, 166 at K = 256).
+    """
     # Axis 0 carries N·HS, which may pass 65,535 (the limit of axes 1 and 2).
     i_nh = tl.program_id(0)
     i_v = tl.program_id(1)
@@ -264,20 +289,38 @@ def chunk_state_kernel(
     DT: tl.constexpr = k.dtype.element_ty
 
     o_t = tl.arange(0, BT)
-    o_k = tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
-    m_h = (o_k[:, None] < K) & (o_v[None, :] < V)
-    off_h = o_k[:, None] * V + o_v[None, :]
-    b_h = tl.zeros([BK, BV], dtype=tl.float32)
-    if USE_H0:
-        b_h += tl.load(h0 + i_nh.to(tl.int64) * K * V + off_h, mask=m_h, other=0.0)
-
+    m_v = o_v < V
+    NT = tl.cdiv(M, BT)
     first = tl.load(first_slot + i_n).to(tl.int64)
-    for i_t in range(0, tl.cdiv(M, BT)):
-        i_s = first + i_t
-        tl.store(h_start + (i_s * HS + i_h) * K * V + off_h, b_h, mask=m_h)
-        b_k = _l2norm_rows(_load_rows(k, i_b, row_kv, i_hk, M, K, stride_kb, stride_kt, stride_kh, i_t, 0, BT, BK),
-                           USE_QK_L2NORM)
+    p_h = h_start + (first * HS + i_h) * K * V  # S_0 of the current chunk
+    for i_k in range(0, tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_h = (o_k[:, None] < K) & m_v[None, :]
+        off_h = o_k[:, None] * V + o_v[None, :]
+        b_h = tl.zeros([BK, BV], dtype=tl.float32)
+        if USE_H0:
+            b_h += tl.load(h0 + i_nh.to(tl.int64) * K * V + off_h, mask=m_h, other=0.0)
+        # A sequence without chunks owns no slot: its first slot is the next sequence's.
+        tl.store(p_h + off_h, b_h, mask=(o_k[:, None] < tl.where(NT > 0, K, 0)) & m_v[None, :])
+        if STORE_HT:
+            tl.store(ht + i_nh.to(tl.int64) * K * V + off_h, b_h, mask=(o_k[:, None] < tl.where(NT == 0, K, 0)) & m_v[None, :])
+
+    for i_t in range(0, NT):
+        tl.debug_barrier()  # this chunk's S_0, written by other threads, is visible
+        # K S_0 and the squared key norms, over K slices.
+        b_ks = tl.zeros([BT, BV], dtype=tl.float32)
+        b_ss = tl.zeros([BT], dtype=tl.float32)
+        for i_k in range(0, tl.cdiv(K, BK)):
+            o_k = i_k * BK + tl.arange(0, BK)
+            b_k = _load_rows(k, i_b, row_kv, i_hk, M, K, stride_kb, stride_kt, stride_kh, i_t, i_k * BK, BT, BK)
+            b_h = tl.load(p_h + o_k[:, None] * V + o_v[None, :], mask=(o_k[:, None] < K) & m_v[None, :], other=0.0)
+            b_ks += _dot_f32(b_k, b_h, DT)
+            b_ss += tl.sum(b_k * b_k, 1)
+        if USE_QK_L2NORM:
+            b_r = tl.rsqrt(b_ss + L2NORM_EPS)
+        else:
+            b_r = tl.full([BT], 1.0, dtype=tl.float32)
         b_v = _load_rows(v, i_b, row_kv, i_hv, M, V, stride_vb, stride_vt, stride_vh, i_t, i_v * BV, BT, BV)
         b_beta = _load_gate(beta, i_b, row_kv, i_h, M, stride_betab, stride_betat, stride_betah, i_t, BT)
         if USE_G:
@@ -286,15 +329,24 @@ def chunk_state_kernel(
             b_g = tl.zeros([BT], dtype=tl.float32)
         b_G = tl.cumsum(b_g, axis=0)
         g_last = tl.sum(b_g, axis=0)
+        i_s = first + i_t
         b_A = tl.load(A + (i_s * HS + i_h) * BT * BT + o_t[:, None] * BT + o_t[None, :])
-        b_rhs = b_beta[:, None] * (b_v - tl.exp(b_G)[:, None] * _dot_f32(b_k, b_h, DT))
+        b_rhs = b_beta[:, None] * (b_v - (b_r * tl.exp(b_G))[:, None] * b_ks)
         b_d = _dot_f32(b_A, b_rhs, DT)
-        tl.store(delta + (i_s * HS + i_h) * BT * V + o_t[:, None] * V + o_v[None, :], b_d,
-                 mask=o_v[None, :] < V)
-        b_h = tl.exp(g_last) * b_h + _dot_f32(tl.trans(b_k * tl.exp(g_last - b_G)[:, None]), b_d, DT)
-
-    if STORE_HT:
-        tl.store(ht + i_nh.to(tl.int64) * K * V + off_h, b_h, mask=m_h)
+        tl.store(delta + (i_s * HS + i_h) * BT * V + o_t[:, None] * V + o_v[None, :], b_d, mask=m_v[None, :])
+        # S_C = exp(G_C) S_0 + (diag(r e) K)ᵀ Δ into the next chunk's S_0, or ht after the last chunk.
+        b_ke = b_r * tl.exp(g_last - b_G)
+        for i_k in range(0, tl.cdiv(K, BK)):
+            o_k = i_k * BK + tl.arange(0, BK)
+            m_h = (o_k[:, None] < K) & m_v[None, :]
+            off_h = o_k[:, None] * V + o_v[None, :]
+            b_k = _load_rows(k, i_b, row_kv, i_hk, M, K, stride_kb, stride_kt, stride_kh, i_t, i_k * BK, BT, BK)
+            b_h = tl.exp(g_last) * tl.load(p_h + off_h, mask=m_h, other=0.0)
+            b_h += _dot_f32(tl.trans(b_k * b_ke[:, None]), b_d, DT)
+            tl.store(p_h + HS * K * V + off_h, b_h, mask=(o_k[:, None] < tl.where(i_t < NT - 1, K, 0)) & m_v[None, :])
+            if STORE_HT:
+                tl.store(ht + i_nh.to(tl.int64) * K * V + off_h, b_h, mask=(o_k[:, None] < tl.where(i_t == NT - 1, K, 0)) & m_v[None, :])
+        p_h += HS * K * V
 
 
 @triton.jit
@@ -329,10 +381,6 @@ def chunk_out_kernel(
     i_hk = i_h // (HS // HK)
     DT: tl.constexpr = q.dtype.element_ty
 
-    b_q = _load_rows(q, i_b, bos + S + W, i_hq, M, K, stride_qb, stride_qt, stride_qh, i_t, 0, BT, BK)
-    b_k = _load_rows(k, i_b, bos + S, i_hk, M, K, stride_kb, stride_kt, stride_kh, i_t, 0, BT, BK)
-    b_rq = _inv_norm(b_q, USE_QK_L2NORM)
-    b_rk = _inv_norm(b_k, USE_QK_L2NORM)
     if USE_G:
         b_g = _load_gate(g, i_b, bos + S, i_h, M, stride_gb, stride_gt, stride_gh, i_t, BT)
     else:
@@ -341,15 +389,30 @@ def chunk_out_kernel(
 
     i_s64 = i_s.to(tl.int64)
     o_t = tl.arange(0, BT)
-    o_k = tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
     m_v = o_v < V
-    b_h = tl.load(h_start + (i_s64 * HS + i_h) * K * V + o_k[:, None] * V + o_v[None, :],
-                  mask=(o_k[:, None] < K) & m_v[None, :], other=0.0)
+    # Q Kᵀ from the raw inputs (exact products) and Q S_0, over K slices; the norms applied after.
+    b_qk = tl.zeros([BT, BT], dtype=tl.float32)
+    b_qh = tl.zeros([BT, BV], dtype=tl.float32)
+    b_sq = tl.zeros([BT], dtype=tl.float32)
+    b_sk = tl.zeros([BT], dtype=tl.float32)
+    p_h = h_start + (i_s64 * HS + i_h) * K * V
+    for i_k in range(0, tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        b_q = _load_rows(q, i_b, bos + S + W, i_hq, M, K, stride_qb, stride_qt, stride_qh, i_t, i_k * BK, BT, BK)
+        b_k = _load_rows(k, i_b, bos + S, i_hk, M, K, stride_kb, stride_kt, stride_kh, i_t, i_k * BK, BT, BK)
+        b_h = tl.load(p_h + o_k[:, None] * V + o_v[None, :], mask=(o_k[:, None] < K) & m_v[None, :], other=0.0)
+        b_qk += _dot_in(b_q, tl.trans(b_k), DT)
+        b_qh += _dot_f32(b_q, b_h, DT)
+        b_sq += tl.sum(b_q * b_q, 1)
+        b_sk += tl.sum(b_k * b_k, 1)
+    if USE_QK_L2NORM:
+        b_rq = tl.rsqrt(b_sq + L2NORM_EPS)
+        b_qk = b_qk * b_rq[:, None] * tl.rsqrt(b_sk + L2NORM_EPS)[None, :]
+    else:
+        b_rq = tl.full([BT], 1.0, dtype=tl.float32)
     b_d = tl.load(delta + (i_s64 * HS + i_h) * BT * V + o_t[:, None] * V + o_v[None, :], mask=m_v[None, :], other=0.0)
-    # Q̂ K̂ᵀ from the raw inputs (exact products), the norms applied after.
-    b_qk = _dot_in(b_q, tl.trans(b_k), DT) * b_rq[:, None] * b_rk[None, :] * b_gamma
-    b_o = scale * ((b_rq * tl.exp(b_G))[:, None] * _dot_f32(b_q, b_h, DT) + _dot_f32(b_qk, b_d, DT))
+    b_o = scale * ((b_rq * tl.exp(b_G))[:, None] * b_qh + _dot_f32(b_qk * b_gamma, b_d, DT))
     o_r = i_t * BT + o_t
     p_o = o + ((i_b * T + bos + S + W + o_r[:, None]) * HS + i_h) * V + o_v[None, :]
     tl.store(p_o, b_o.to(p_o.dtype.element_ty), mask=(o_r[:, None] < M) & m_v[None, :])  # the one downcast of o
@@ -405,19 +468,21 @@ def chunk_fwd_states(q, k, v, g, beta, initial_state, cu_seqlens, use_qk_l2norm,
     delta = q.new_empty(NS, HS, C, V, dtype=torch.float32)  # [NS, HS, C, V]
     stride_g = (0, 0, 0) if g is None else g.stride()
     flags = dict(USE_G=g is not None, USE_QK_L2NORM=use_qk_l2norm, IS_VARLEN=cu_seqlens is not None)
+    bk, bv, _ = TILES[q.dtype]
+    BK = min(bk, block_k(K))
     with _guard(q):
         if NS * HS:
             chunk_ut_kernel[(NS, HK)](
                 k, g, beta, A, slots, cu_seqlens,
                 T, HS, HK, K, W, S,
                 *k.stride()[:3], *stride_g, *beta.stride(),
-                BT=C, BK=min(BK_UT, block_k(K)), **flags, num_warps=NUM_WARPS)
+                BT=C, BK=BK, **flags, num_warps=NUM_WARPS)
         if N * HS:
-            chunk_state_kernel[(N * HS, triton.cdiv(V, BV_STATE))](
+            chunk_state_kernel[(N * HS, triton.cdiv(V, bv))](
                 k, v, g, beta, A, initial_state, h_start, delta, final_state, first, cu_seqlens,
                 T, HS, HK, HV, K, V, W, S,
                 *k.stride()[:3], *v.stride()[:3], *stride_g, *beta.stride(),
-                BT=C, BK=block_k(K), BV=BV_STATE, USE_H0=initial_state is not None,
+                BT=C, BK=BK, BV=bv, USE_H0=initial_state is not None,
                 STORE_HT=final_state is not None, **flags, num_warps=NUM_WARPS)
     return slots, first, A, h_start, delta
 
@@ -450,14 +515,71 @@ def chunk_fwd(q, k, v, g, beta, scale, initial_state, cu_seqlens, use_qk_l2norm,
     if NS * HS == 0:
         return
     stride_g = (0, 0, 0) if g is None else g.stride()
+    bk, _, bv = TILES[q.dtype]
     with _guard(q):
-        chunk_out_kernel[(NS, HS, triton.cdiv(V, BV_OUT))](
+        chunk_out_kernel[(NS, HS, triton.cdiv(V, bv))](
             q, k, g, h_start, delta, o, slots, cu_seqlens,
             T, HS, HQ, HK, K, V, lag_window, lag_sinks,
             *q.stride()[:3], *k.stride()[:3], *stride_g,
             scale,
-            BT=chunk_size, BK=block_k(K), BV=BV_OUT, USE_G=g is not None, USE_QK_L2NORM=use_qk_l2norm,
+            BT=chunk_size, BK=min(bk, block_k(K)), BV=bv, USE_G=g is not None, USE_QK_L2NORM=use_qk_l2norm,
             IS_VARLEN=cu_seqlens is not None, num_warps=NUM_WARPS)
 
 
-AOT_CASES: list[AOTCase] = []
+_SIZES = {"T", "HS", "HQ", "HK", "HV", "K", "V", "W", "S", "H", "G", "D", "n_rows"}
+_INPUT_DTYPE = {"q", "k", "v", "o", "do", "x", "dx"}  # pointers in the activation dtype; others fp32 but below
+_INT32 = {"slots", "first_slot"}
+
+
+def aot_case(kernel, dtype: str, *, full: bool, aligned: bool = True, must_not_spill: bool = True,
+             **constexprs) -> AOTCase:
+    """One compiled variant of a kernel of this stem as its launcher specialises it.
+
+    ``full`` turns gating, l2 norm, h0, the final state and varlen on together (else all off,
+    with the optional pointers absent). ``aligned``: head dims multiples of 16 with contiguous
+    gates (every pointer, K, V and the q/k/v strides divisible by 16, unit gate head strides);
+    otherwise only the pointers are aligned, as for K = V = 60.
+    """
+    flags = {"USE_G": full, "USE_QK_L2NORM": full, "USE_H0": full, "STORE_HT": full, "IS_VARLEN": full}
+    absent = set() if full else {"g", "h0", "ht", "cu_seqlens"}
+    types, cx, divisible = {}, {}, []
+    for name in kernel.arg_names:
+        if name in constexprs:
+            cx[name] = constexprs[name]
+        elif name in flags:
+            cx[name] = flags[name]
+        elif name in absent:
+            cx[name] = None
+        elif aligned and name in ("stride_betah", "stride_gh"):
+            cx[name] = 1  # contiguous [B, T, HS] gates: Triton's launcher makes the unit stride a constant
+        elif name.startswith("stride_") or name in _SIZES:
+            types[name] = "i32"
+            gate_stride = name.startswith(("stride_g", "stride_beta"))
+            if (aligned and not gate_stride and name not in ("T", "W", "S", "n_rows")) or (
+                    not full and name.startswith("stride_g")):  # the launcher passes 0 for g's strides
+                divisible.append(name)
+        elif name == "scale":
+            types[name] = "fp32"
+        else:
+            types[name] = ("*i64" if name == "cu_seqlens" else "*i32" if name in _INT32 else
+                           f"*{dtype}" if name in _INPUT_DTYPE else "*fp32")
+            divisible.append(name)
+    label = f"{dtype}{' all-options' if full else ''}{', K,V%16' if aligned else ', odd K,V'}"
+    return AOTCase(label, kernel, types, cx, NUM_WARPS, divisible=tuple(divisible), must_not_spill=must_not_spill)
+
+
+def _aot_cases():
+    """Each stage in bf16 with every option on (the tiles of K >= 64; K is a loop count) and in
+    fp32 (its smaller tiles); few cases, since CI compiles each for two capabilities."""
+    cases = []
+    for dtype, torch_dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        bk, bv_state, bv_out = TILES[torch_dtype]
+        # fp32 at C = 64: the Newton step's two IEEE [64, 64] products spill (ptxas: ~150 words);
+        # the UT stage is one pass over the inputs, off the sequential path.
+        cases += [aot_case(chunk_ut_kernel, dtype, full=True, BT=64, BK=bk, must_not_spill=dtype != "fp32"),
+                  aot_case(chunk_state_kernel, dtype, full=True, BT=64, BK=bk, BV=bv_state),
+                  aot_case(chunk_out_kernel, dtype, full=True, BT=64, BK=bk, BV=bv_out)]
+    return cases
+
+
+AOT_CASES = _aot_cases()

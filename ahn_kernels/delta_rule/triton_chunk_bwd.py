@@ -23,9 +23,12 @@ states are transient scratch, K·V/C floats per token and head):
    dx = r dy - r³ x (x · dy), and casts once at the store.
 
 Tiles for H100/H200, untuned (no GPU to measure): BT = C, BK = next_pow2(K) whole,
-BV = 32 in both stages; 4 warps. Registers (``python -m ahn_kernels.triton_aot``):
-see that table; the gradient stage holds several [BT, BK] fp32 tiles and is allowed
-to spill at BK = 256.
+BV = 32 in both passes; 8 warps. NOT yet fit for every K on a GPU: both passes hold
+whole-K tiles and spill (ptxas, sm_80 / sm_90, bf16: reverse pass 6 / 36 words at
+K = 64, 88 / 156 at 128; gradient stage 1,756 / 222 at 64, 3,914 / 460 at 128), and at
+K = 256 they ask 296-377 KB of shared memory, more than an H100 SM has (228 KB; the
+reverse pass at K = 128 asks 173 KB, past an A100's 164 KB). The fix is the forward's:
+K slices with the state gradient in memory (dS_end already holds it per chunk).
 """
 
 from __future__ import annotations
@@ -34,7 +37,6 @@ import torch
 import triton
 import triton.language as tl
 
-from ..triton_aot import AOTCase
 from .triton_chunk import (
     L2NORM_EPS,
     NUM_WARPS,
@@ -47,6 +49,7 @@ from .triton_chunk import (
     _load_gate,
     _load_rows,
     _sequence,
+    aot_case,
     block_k,
     chunk_fwd_states,
 )
@@ -345,4 +348,8 @@ def chunk_bwd(grad_o, grad_ht, q, k, v, g, beta, scale, initial_state, cu_seqlen
         _reduce(v, dv_part, dv, False)
 
 
-AOT_CASES: list[AOTCase] = []
+# The two passes and the reduction in bf16 with every option on, at K = 128. The passes hold
+# whole-K tiles and spill (see the module docstring): recorded, not failed.
+AOT_CASES = [aot_case(chunk_state_bwd_kernel, "bf16", full=True, BT=64, BK=128, BV=BV, must_not_spill=False),
+             aot_case(chunk_grad_kernel, "bf16", full=True, BT=64, BK=128, BV=BV, must_not_spill=False),
+             aot_case(chunk_grad_reduce_kernel, "bf16", full=True, BR=BR, BD=128)]
