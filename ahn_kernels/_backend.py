@@ -37,10 +37,10 @@ BACKENDS = ("cpu", "cuda", "triton", "reference")
 # op -> device type -> kernels written for it, in order of preference.
 # The reference is always there and always last.
 KERNELS: dict[str, dict[str, tuple[str, ...]]] = {
-    "chunk_delta_rule": {"cpu": ("cpu",), "cuda": ()},
-    "chunk_delta_rule_bwd": {"cpu": ("cpu",), "cuda": ()},
-    "chunk_gated_delta_rule": {"cpu": ("cpu",), "cuda": ()},
-    "chunk_gated_delta_rule_bwd": {"cpu": ("cpu",), "cuda": ()},
+    "chunk_delta_rule": {"cpu": ("cpu",), "cuda": ("triton",)},
+    "chunk_delta_rule_bwd": {"cpu": ("cpu",), "cuda": ("triton",)},
+    "chunk_gated_delta_rule": {"cpu": ("cpu",), "cuda": ("triton",)},
+    "chunk_gated_delta_rule_bwd": {"cpu": ("cpu",), "cuda": ("triton",)},
     "fused_recurrent_delta_rule": {"cpu": ("cpu",), "cuda": ("cuda", "triton")},
     "fused_recurrent_gated_delta_rule": {"cpu": ("cpu",), "cuda": ("cuda", "triton")},
     "ssd_chunk_scan": {"cpu": ("cpu",), "cuda": ()},

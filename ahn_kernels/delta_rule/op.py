@@ -52,12 +52,14 @@ def _sizes(q, k, v, beta, cu_seqlens):
 # 2. Device implementations (one function for CPU and CUDA).
 # ----------------------------------------------------------------------------
 def _chunk(op, q, k, v, g, beta, scale, initial_state, cu_seqlens, use_qk_l2norm, chunk_size, lag_window, lag_sinks):
-    if _backend.choose(op, q.device.type) == "cpu":
+    backend = _backend.choose(op, q.device.type)
+    if backend in ("cpu", "triton"):
         B, T, HS, K, V, N = _sizes(q, k, v, beta, cu_seqlens)
         o = q.new_empty(B, T, HS, V)  # [B, T, HS, V]
         ht = q.new_empty(N, HS, K, V, dtype=torch.float32)  # [N, HS, K, V]
-        run_chunk(q, k, v, g, beta, scale, initial_state, cu_seqlens, use_qk_l2norm, chunk_size, lag_window,
-                  lag_sinks, o, ht)
+        run = run_chunk if backend == "cpu" else run_chunk_triton
+        run(q, k, v, g, beta, scale, initial_state, cu_seqlens, use_qk_l2norm, chunk_size, lag_window, lag_sinks,
+            o, ht)
         return o, ht
     o, ht = reference.chunked(q, k, v, beta, g, scale, initial_state, cu_seqlens, use_qk_l2norm,
                               _lag(lag_window, lag_sinks), chunk_size)
@@ -67,7 +69,8 @@ def _chunk(op, q, k, v, g, beta, scale, initial_state, cu_seqlens, use_qk_l2norm
 def _chunk_bwd(op, grad_o, grad_ht, q, k, v, g, beta, scale, initial_state, cu_seqlens, use_qk_l2norm,
                chunk_size, lag_window, lag_sinks):
     """(dq, dk, dv, [dg,] dbeta, dh0); dh0 also without an initial state (the gradient w.r.t. zeros)."""
-    if _backend.choose(op + "_bwd", q.device.type) == "cpu":
+    backend = _backend.choose(op + "_bwd", q.device.type)
+    if backend in ("cpu", "triton"):
         B, T, HS, K, V, N = _sizes(q, k, v, beta, cu_seqlens)
         # The kernel reads upstream gradients as o's dtype with a unit last stride, the state's as fp32.
         grad_o = grad_o.to(q.dtype)
@@ -77,8 +80,9 @@ def _chunk_bwd(op, grad_o, grad_ht, q, k, v, g, beta, scale, initial_state, cu_s
         dbeta = q.new_empty(B, T, HS, dtype=torch.float32)  # [B, T, HS]
         dg = None if g is None else q.new_empty(B, T, HS, dtype=torch.float32)  # [B, T, HS]
         dh0 = q.new_empty(N, HS, K, V, dtype=torch.float32)  # [N, HS, K, V]
-        run_chunk_bwd(grad_o, grad_ht, q, k, v, g, beta, scale, initial_state, cu_seqlens, use_qk_l2norm,
-                      chunk_size, lag_window, lag_sinks, dq, dk, dv, dbeta, dg, dh0)
+        run = run_chunk_bwd if backend == "cpu" else run_chunk_bwd_triton
+        run(grad_o, grad_ht, q, k, v, g, beta, scale, initial_state, cu_seqlens, use_qk_l2norm, chunk_size,
+            lag_window, lag_sinks, dq, dk, dv, dbeta, dg, dh0)
         dbeta = dbeta.to(beta.dtype)  # gate gradients in the gates' dtypes, as the reference returns them
         dg = None if g is None else dg.to(g.dtype)
     else:
@@ -200,6 +204,14 @@ def run_chunk(q, k, v, g, beta, scale, initial_state, cu_seqlens, use_qk_l2norm,
     _backend._C.launch_chunk_fwd_cpu(p, torch.get_num_threads())
 
 
+def run_chunk_triton(q, k, v, g, beta, scale, initial_state, cu_seqlens, use_qk_l2norm, chunk_size, lag_window,
+                     lag_sinks, o, final_state):
+    """Run the Triton chunk forward; arguments and outputs as ``run_chunk``."""
+    from .triton_chunk import chunk_fwd
+    g, beta, h0, cu = _kernel_inputs(g, beta, initial_state, cu_seqlens)
+    chunk_fwd(q, k, v, g, beta, scale, h0, cu, use_qk_l2norm, chunk_size, lag_window, lag_sinks, o, final_state)
+
+
 def run_chunk_bwd(grad_o, grad_ht, q, k, v, g, beta, scale, initial_state, cu_seqlens, use_qk_l2norm, chunk_size,
                   lag_window, lag_sinks, dq, dk, dv, dbeta, dg, dh0):
     """Run the compiled CPU chunk backward, writing the gradients in place.
@@ -216,6 +228,15 @@ def run_chunk_bwd(grad_o, grad_ht, q, k, v, g, beta, scale, initial_state, cu_se
     pb.dq, pb.dk, pb.dv, pb.dbeta, pb.dh0 = (t.data_ptr() for t in (dq, dk, dv, dbeta, dh0))
     pb.dg = 0 if dg is None else dg.data_ptr()
     _backend._C.launch_chunk_bwd_cpu(pb, torch.get_num_threads())
+
+
+def run_chunk_bwd_triton(grad_o, grad_ht, q, k, v, g, beta, scale, initial_state, cu_seqlens, use_qk_l2norm,
+                         chunk_size, lag_window, lag_sinks, dq, dk, dv, dbeta, dg, dh0):
+    """Run the Triton chunk backward; arguments and outputs as ``run_chunk_bwd``."""
+    from .triton_chunk_bwd import chunk_bwd
+    g, beta, h0, cu = _kernel_inputs(g, beta, initial_state, cu_seqlens)
+    chunk_bwd(grad_o, grad_ht, q, k, v, g, beta, scale, h0, cu, use_qk_l2norm, chunk_size, lag_window, lag_sinks,
+              dq, dk, dv, dbeta, dg, dh0)
 
 
 def _fused_recurrent(op, q, k, v, g, beta, scale, initial_state, cu_seqlens, use_qk_l2norm):
