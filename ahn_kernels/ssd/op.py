@@ -101,6 +101,18 @@ def run_chunk_scan(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, cu
     _backend._C.launch_ssd_scan_fwd_cpu(p, torch.get_num_threads())
 
 
+def run_chunk_scan_triton(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, cu_seqlens, dt_softplus,
+                          dt_min, dt_max, lag_window, lag_sinks, out, final_states):
+    """``run_chunk_scan`` on the Triton kernels (chunked; CUDA tensors, or CPU ones under TRITON_INTERPRET=1)."""
+    from .triton_chunk_scan import ssd_chunk_scan_fwd
+
+    dt_bias = None if dt_bias is None else _gate(dt_bias).contiguous()
+    h0 = None if initial_states is None else initial_states.float().contiguous()
+    cu = None if cu_seqlens is None else cu_seqlens.long()
+    ssd_chunk_scan_fwd(x, _gate(dt), _gate(A).contiguous(), B, C, chunk_size, _gate(D), z, dt_bias, h0, cu,
+                       dt_softplus, dt_min, dt_max, lag_window, lag_sinks, out, final_states)
+
+
 def run_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices, out):
     """Run the compiled CPU decode step: ``state`` [N, H, P, N_state] fp32 in place, ``out`` [B, H, P] contiguous."""
     dt, A, D, dt_bias = _gate(dt), _gate(A).contiguous(), _gate(D), _gate(dt_bias)
@@ -128,13 +140,15 @@ def run_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_ba
 def _fwd(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, cu_seqlens, dt_softplus, dt_min, dt_max,
          lag_window, lag_sinks):
     # fp64 reaches the raw op only from tests (gradcheck); the kernels are fp32 inside, so the reference serves it.
-    if _backend.choose("ssd_chunk_scan", x.device.type) == "cpu" and x.dtype in _DTYPE_CODE:
+    backend = _backend.choose("ssd_chunk_scan", x.device.type)
+    if backend in ("cpu", "triton") and x.dtype in _DTYPE_CODE:
         _, _, H, P = x.shape
         out = x.new_empty(x.shape)  # [B, T, H, P]
         N = _num_seqs(x, cu_seqlens)
         final_states = x.new_empty(N, H, P, B.shape[3], dtype=torch.float32)  # [N, H, P, N_state]
-        run_chunk_scan(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, cu_seqlens, dt_softplus, dt_min,
-                       dt_max, lag_window, lag_sinks, out, final_states)
+        run = run_chunk_scan_triton if backend == "triton" else run_chunk_scan
+        run(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, cu_seqlens, dt_softplus, dt_min,
+            dt_max, lag_window, lag_sinks, out, final_states)
         return out, final_states
     out, final_states = reference.chunked(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, cu_seqlens,
                                           dt_softplus, (dt_min, dt_max), _lag(lag_window, lag_sinks))

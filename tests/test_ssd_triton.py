@@ -1,0 +1,141 @@
+"""Mamba2 SSD Triton kernels (under TRITON_INTERPRET=1, on CPU tensors) against the fp64 references:
+chunked scan forward, final states and every gradient, decode step, red zones."""
+
+import math
+
+import pytest
+import torch
+
+import ahn_kernels
+from ahn_kernels import _backend, testing
+from ahn_kernels.ssd import op as ssd_op
+from ahn_kernels.ssd import reference, ssd_chunk_scan
+from ahn_kernels.testing import MAMBA_ALLCLOSE, assert_close, make_ssd_inputs, tolerance
+
+GRAD_KIND = {"x": "grad", "B": "grad", "C": "grad", "z": "grad", "initial_states": "grad",
+             "dt": "gate", "A": "gate", "D": "gate", "dt_bias": "gate"}
+
+
+@pytest.fixture(autouse=True)
+def _triton():
+    for name in ("ssd_chunk_scan",):
+        if "triton" not in _backend.available(name, "cpu"):
+            pytest.skip("triton is not installed or TRITON_INTERPRET is not 1")
+    with ahn_kernels.use_backend("triton"):
+        yield
+
+
+def _fp64(inputs, requires_grad=False):
+    return testing.fp64_leaves(inputs, requires_grad)
+
+
+def _leaves(inputs):
+    return {k: t for k, t in inputs.items() if isinstance(t, torch.Tensor) and t.requires_grad}
+
+
+def _check(name, got, ref, dtype, kind):
+    """DESIGN §4's relative RMSE and mamba's allclose, both."""
+    assert_close(name, got, ref, tolerance(dtype, kind))
+    rtol, atol = MAMBA_ALLCLOSE[dtype]
+    torch.testing.assert_close(got.double(), ref.double(), rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+
+
+# ----------------------------------------------------------------------------
+# chunked scan: forward and final states (and, with grads=True, every gradient)
+# ----------------------------------------------------------------------------
+# (B, T, (H, P, N_state, G), chunk, make_ssd_inputs options, dt_limit, lag, dtype): every awkward T, both
+# chunk sizes, ngroups 1 / 2 / H, each option on and off, small and odd head dims, fp32 and bf16.
+SHAPES = testing.SSD_SHAPES
+CASES = [
+    (2, 1, SHAPES[0], 64, dict(D="H", z=True, dt_bias=True, initial_states=True), None, None, torch.float32),
+    (2, 63, SHAPES[1], 64, dict(), None, None, torch.float32),
+    (1, 64, SHAPES[2], 64, dict(D="HP", z=True, dt_bias=True, initial_states=True), (0.03, 0.08), None,
+     torch.float32),
+    (2, 65, SHAPES[3], 64, dict(D="H", dt_softplus=False, initial_states=True), None, None, torch.bfloat16),
+    (1, 1000, SHAPES[1], 256, dict(D="HP", z=True, dt_bias=True, initial_states=True), None, None, torch.float32),
+    (1, 1000, SHAPES[2], 64, dict(z=True, dt_bias=True), (0.0, 0.1), None, torch.bfloat16),
+    (2, 65, SHAPES[0], 256, dict(z=True, initial_states=True), None, (10, 3), torch.float32),
+    (1, 200, (2, 33, 40, 1), 64, dict(D="H", z=True, dt_bias=True, initial_states=True), None, None, torch.float32),
+]
+
+
+def _case_id(case):
+    B, T, (H, P, NS, G), chunk, opts, limit, lag, dtype = case
+    parts = [str(dtype).replace("torch.", ""), f"B{B}T{T}H{H}P{P}N{NS}G{G}", f"c{chunk}"]
+    parts += [k if v is True else f"{k}={v}" for k, v in opts.items()]
+    return "-".join(parts + ([f"limit{limit}"] if limit else []) + ([f"lag{lag}"] if lag else []))
+
+
+def _run(inputs, chunk, limit, lag, grads):
+    """Forward (and backward with random upstream grads) of the op and of the fp64 reference."""
+    limit = limit or (0.0, math.inf)
+    ref_inputs = _fp64(inputs, requires_grad=grads)
+    out, final = ssd_chunk_scan(**inputs, chunk_size=chunk, dt_limit=limit, lag=lag, return_final_states=True)
+    # the fp64 chunked reference: equal to the token loop to 1e-10 (test_ssd.py), and fast enough for T = 1000
+    out_ref, final_ref = reference.chunked(**ref_inputs, chunk_size=64, dt_limit=limit, lag=lag)
+    results = [("out", out, out_ref, "out"), ("final_states", final, final_ref, "out")]
+    if grads:
+        dout, dfinal = torch.randn_like(out), torch.randn_like(final)
+        leaves, ref_leaves = _leaves(inputs), _leaves(ref_inputs)
+        got = torch.autograd.grad((out * dout).float().sum() + (final * dfinal).sum(), tuple(leaves.values()))
+        want = torch.autograd.grad((out_ref * dout.double()).sum() + (final_ref * dfinal.double()).sum(),
+                                   tuple(ref_leaves.values()))
+        for k, g, w in zip(leaves, got, want):
+            assert g.dtype == inputs[k].dtype, f"d{k}: dtype {g.dtype} != {k}'s {inputs[k].dtype}"
+            results.append((f"d{k}", g, w, GRAD_KIND[k]))
+    return results
+
+
+@pytest.mark.parametrize("case", CASES, ids=[_case_id(c) for c in CASES])
+def test_chunk_scan_forward(case):
+    B, T, (H, P, NS, G), chunk, opts, limit, lag, dtype = case
+    inputs = make_ssd_inputs(B, T, H, P, NS, G, dtype=dtype, **opts)
+    for name, got, ref, kind in _run(inputs, chunk, limit, lag, grads=False):
+        _check(name, got, ref, dtype, kind)
+
+
+VARLEN_CASES = [(testing.VARLEN_LENGTHS[0], lag) for lag in (None,) + testing.SSD_LAGS] + [
+    (testing.VARLEN_LENGTHS[1], None)]
+
+
+@pytest.mark.parametrize("lengths, lag", VARLEN_CASES)
+def test_chunk_scan_varlen_lag(lengths, lag):
+    """Packed sequences (an empty one among them), each with its final state, with and without lag."""
+    inputs = make_ssd_inputs(1, sum(lengths), 4, 5, 7, 2, D="H", z=True, dt_bias=True, initial_states=True,
+                             lengths=lengths)
+    for name, got, ref, kind in _run(inputs, 64, None, lag, grads=False):
+        _check(name, got, ref, torch.float32, kind)
+
+
+def _zoned(inputs):
+    """Every tensor of ``inputs`` copied into a red zone (NaN, or a huge offset for cu_seqlens); returns the checks."""
+    zoned, checks = dict(inputs), []
+    for k, t in inputs.items():
+        if isinstance(t, torch.Tensor):
+            zoned[k], check = testing.red_zone(tuple(t.shape), t.dtype,
+                                               fill=float("nan") if t.is_floating_point() else 1 << 40)
+            zoned[k].copy_(t)
+            checks.append(check)
+    return zoned, checks
+
+
+@pytest.mark.parametrize("lengths", [None, testing.VARLEN_LENGTHS[1]], ids=["dense", "varlen"])
+def test_chunk_scan_red_zone(lengths):
+    """Reads and writes stay inside every tensor (NaN guard bands); x is read through a strided view."""
+    B, T = (2, 40) if lengths is None else (1, sum(lengths))
+    N = B if lengths is None else len(lengths)
+    inputs = make_ssd_inputs(B, T, 4, 5, 7, 2, D="HP", z=True, dt_bias=True, initial_states=True, lengths=lengths)
+    zoned, checks = _zoned(inputs)
+    wide, check_wide = testing.red_zone((B, 4, T, 9), torch.float32)  # [B, H, T, 9]: x a permuted slice of it
+    wide[..., 2:7] = inputs["x"].transpose(1, 2)
+    zoned["x"] = wide[..., 2:7].transpose(1, 2)
+    checks.append(check_wide)
+    out, check_out = testing.red_zone((B, T, 4, 5), torch.float32)
+    final, check_final = testing.red_zone((N, 4, 5, 7), torch.float32)
+    args = [zoned[k] for k in ("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_states", "cu_seqlens")]
+    ssd_op.run_chunk_scan_triton(*args[:5], 16, *args[5:], True, 0.0, math.inf, 3, 1, out, final)
+    for check in (*checks, check_out, check_final):
+        check()
+    out_ref, final_ref = reference.recurrent(**_fp64(inputs), lag=(3, 1))
+    _check("out", out, out_ref, torch.float32, "out")
+    _check("final_states", final, final_ref, torch.float32, "out")
