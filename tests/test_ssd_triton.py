@@ -9,7 +9,7 @@ import torch
 import ahn_kernels
 from ahn_kernels import _backend, testing
 from ahn_kernels.ssd import op as ssd_op
-from ahn_kernels.ssd import reference, ssd_chunk_scan
+from ahn_kernels.ssd import reference, ssd_chunk_scan, ssd_state_update
 from ahn_kernels.testing import MAMBA_ALLCLOSE, assert_close, make_ssd_inputs, tolerance
 
 GRAD_KIND = {"x": "grad", "B": "grad", "C": "grad", "z": "grad", "initial_states": "grad",
@@ -18,7 +18,7 @@ GRAD_KIND = {"x": "grad", "B": "grad", "C": "grad", "z": "grad", "initial_states
 
 @pytest.fixture(autouse=True)
 def _triton():
-    for name in ("ssd_chunk_scan",):
+    for name in ("ssd_chunk_scan", "ssd_state_update"):
         if "triton" not in _backend.available(name, "cpu"):
             pytest.skip("triton is not installed or TRITON_INTERPRET is not 1")
     with ahn_kernels.use_backend("triton"):
@@ -139,3 +139,66 @@ def test_chunk_scan_red_zone(lengths):
     out_ref, final_ref = reference.recurrent(**_fp64(inputs), lag=(3, 1))
     _check("out", out, out_ref, torch.float32, "out")
     _check("final_states", final, final_ref, torch.float32, "out")
+
+
+# ----------------------------------------------------------------------------
+# decode step
+# ----------------------------------------------------------------------------
+def _step_inputs(inputs, t):
+    """Token t of a [B, T, ...] input set, as ssd_state_update arguments."""
+    step = {k: inputs[k] for k in ("A", "D", "dt_bias", "dt_softplus")}
+    step.update({k: None if inputs[k] is None else inputs[k][:, t] for k in ("x", "dt", "B", "C", "z")})
+    return step
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float16, torch.bfloat16))
+@pytest.mark.parametrize("opts", [dict(G=1), dict(G=2, D="H", dt_bias=True), dict(G=4, D="HP", z=True, dt_bias=True),
+                                  dict(G=2, z=True, dt_softplus=False)], ids=["plain", "D_H", "D_HP_z", "no_softplus"])
+def test_state_update_red_zone(opts, dtype):
+    """A strided state (slots of a wider buffer) with state_batch_indices, every input inside a red zone."""
+    opts = dict(opts)
+    G = opts.pop("G")
+    step = _step_inputs(make_ssd_inputs(3, 1, 4, 6, 9, G, dtype=dtype, **opts), 0)
+    zoned, checks = _zoned({k: v for k, v in step.items() if k != "dt_softplus"})
+    buf, check_buf = testing.red_zone((5, 4, 6, 12), torch.float32)  # state: [N, H, P, N_state] slice of N_state 12
+    buf.copy_(torch.randn(5, 4, 6, 12))
+    start = buf.clone()
+    state = buf[..., 1:10]
+    idx = torch.tensor([4, 0, 2], dtype=torch.int32)
+    state_ref = state.double()  # [N, H, P, N_state]
+    out = ssd_state_update(state, **zoned, dt_softplus=step["dt_softplus"], state_batch_indices=idx)
+    for check in (*checks, check_buf):
+        check()
+    out_ref = reference.state_update(state_ref, **_fp64(step), state_batch_indices=idx)
+    assert out.dtype == dtype
+    _check("out", out, out_ref, dtype, "out")
+    _check("state", state, state_ref, torch.float32, "out")
+    assert torch.equal(buf[..., :1], start[..., :1]) and torch.equal(buf[..., 10:], start[..., 10:])
+    assert torch.equal(buf[[1, 3]], start[[1, 3]])  # slots no row names
+
+
+@pytest.mark.parametrize("NS", (7, 128, 256))
+def test_state_update_tiles(NS):
+    """Every state tile shape: BN from 16 to 256, BP rows from 128 down to 8 (P = 20: a partial last tile)."""
+    step = _step_inputs(make_ssd_inputs(2, 1, 2, 20, NS, 1, D="HP", z=True, dt_bias=True), 0)
+    state = torch.randn(2, 2, 20, NS)
+    state_ref = state.double()
+    out = ssd_state_update(state, **step)
+    out_ref = reference.state_update(state_ref, **_fp64(step))
+    _check("out", out, out_ref, torch.float32, "out")
+    _check("state", state, state_ref, torch.float32, "out")
+
+
+def test_state_update_steps_equal_chunk_scan():
+    """Decode steps from an initial state equal one chunked scan over the same tokens (out and state).
+
+    130 steps (three chunks of 64): the interpreter takes about 0.1 s a step here, so the
+    1000-step drift check belongs to a GPU run.
+    """
+    T = 130
+    inputs = make_ssd_inputs(1, T, 2, 5, 7, 1, D="H", z=True, dt_bias=True, initial_states=True)
+    out, final = ssd_chunk_scan(**inputs, chunk_size=64, return_final_states=True)
+    state = inputs["initial_states"].clone()
+    outs = [ssd_state_update(state, **_step_inputs(inputs, t)) for t in range(T)]
+    assert_close("out", torch.stack(outs, 1), out, 1e-5)
+    assert_close("state", state, final, 1e-5)

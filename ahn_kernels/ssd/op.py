@@ -137,6 +137,15 @@ def run_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_ba
     _backend._C.launch_ssd_state_update_cpu(p, torch.get_num_threads())
 
 
+def run_state_update_triton(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices, out):
+    """``run_state_update`` on the Triton kernel (CUDA tensors, or CPU ones under TRITON_INTERPRET=1)."""
+    from .triton_state_update import ssd_state_update
+
+    dt_bias = None if dt_bias is None else _gate(dt_bias).contiguous()
+    ssd_state_update(state, x, _gate(dt), _gate(A).contiguous(), B, C, _gate(D), z, dt_bias, dt_softplus,
+                     state_batch_indices, out)
+
+
 def _fwd(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, cu_seqlens, dt_softplus, dt_min, dt_max,
          lag_window, lag_sinks):
     # fp64 reaches the raw op only from tests (gradcheck); the kernels are fp32 inside, so the reference serves it.
@@ -165,10 +174,11 @@ def _bwd(dout, dfinal_states, x, dt, A, B, C, chunk_size, D, z, dt_bias, initial
 
 
 def _state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices):
-    if (_backend.choose("ssd_state_update", x.device.type) == "cpu" and x.dtype in _DTYPE_CODE
-            and state.dtype == torch.float32):
+    backend = _backend.choose("ssd_state_update", x.device.type)
+    if backend in ("cpu", "triton") and x.dtype in _DTYPE_CODE and state.dtype == torch.float32:
         out = x.new_empty(x.shape)  # [B, H, P]
-        run_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices, out)
+        run = run_state_update_triton if backend == "triton" else run_state_update
+        run(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices, out)
         return out
     return reference.state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices)
 
