@@ -44,7 +44,7 @@ KERNELS: dict[str, dict[str, tuple[str, ...]]] = {
     "fused_recurrent_delta_rule": {"cpu": ("cpu",), "cuda": ("cuda", "triton")},
     "fused_recurrent_gated_delta_rule": {"cpu": ("cpu",), "cuda": ("cuda", "triton")},
     "ssd_chunk_scan": {"cpu": ("cpu",), "cuda": ("triton",)},
-    "ssd_chunk_scan_bwd": {"cpu": (), "cuda": ()},
+    "ssd_chunk_scan_bwd": {"cpu": (), "cuda": ("triton",)},
     "ssd_state_update": {"cpu": ("cpu",), "cuda": ("triton",)},
     "swa_attention": {"cpu": ("cpu",), "cuda": ()},
     "swa_attention_bwd": {"cpu": (), "cuda": ()},

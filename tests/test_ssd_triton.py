@@ -18,7 +18,7 @@ GRAD_KIND = {"x": "grad", "B": "grad", "C": "grad", "z": "grad", "initial_states
 
 @pytest.fixture(autouse=True)
 def _triton():
-    for name in ("ssd_chunk_scan", "ssd_state_update"):
+    for name in ("ssd_chunk_scan", "ssd_chunk_scan_bwd", "ssd_state_update"):
         if "triton" not in _backend.available(name, "cpu"):
             pytest.skip("triton is not installed or TRITON_INTERPRET is not 1")
     with ahn_kernels.use_backend("triton"):
@@ -43,25 +43,30 @@ def _check(name, got, ref, dtype, kind):
 # ----------------------------------------------------------------------------
 # chunked scan: forward and final states (and, with grads=True, every gradient)
 # ----------------------------------------------------------------------------
-# (B, T, (H, P, N_state, G), chunk, make_ssd_inputs options, dt_limit, lag, dtype): every awkward T, both
-# chunk sizes, ngroups 1 / 2 / H, each option on and off, small and odd head dims, fp32 and bf16.
+# (B, T, (H, P, N_state, G), chunk, make_ssd_inputs options, dt_limit, lag, dtype, grads): every awkward T,
+# both chunk sizes, ngroups 1 / 2 / H, each option on and off, small and odd head dims, fp32 and bf16.
+# The interpreter runs the backward of the T = 1000 cases too slowly for this file: forward only there.
 SHAPES = testing.SSD_SHAPES
 CASES = [
-    (2, 1, SHAPES[0], 64, dict(D="H", z=True, dt_bias=True, initial_states=True), None, None, torch.float32),
-    (2, 63, SHAPES[1], 64, dict(), None, None, torch.float32),
+    (2, 1, SHAPES[0], 64, dict(D="H", z=True, dt_bias=True, initial_states=True), None, None, torch.float32, True),
+    (2, 63, SHAPES[1], 64, dict(), None, None, torch.float32, True),
     (1, 64, SHAPES[2], 64, dict(D="HP", z=True, dt_bias=True, initial_states=True), (0.03, 0.08), None,
-     torch.float32),
-    (2, 65, SHAPES[3], 64, dict(D="H", dt_softplus=False, initial_states=True), None, None, torch.bfloat16),
-    (1, 1000, SHAPES[1], 256, dict(D="HP", z=True, dt_bias=True, initial_states=True), None, None, torch.float32),
-    (1, 1000, SHAPES[2], 64, dict(z=True, dt_bias=True), (0.0, 0.1), None, torch.bfloat16),
-    (2, 65, SHAPES[0], 256, dict(z=True, initial_states=True), None, (10, 3), torch.float32),
-    (1, 200, (2, 33, 40, 1), 64, dict(D="H", z=True, dt_bias=True, initial_states=True), None, None, torch.float32),
+     torch.float32, True),
+    (2, 65, SHAPES[3], 64, dict(D="H", dt_softplus=False, initial_states=True), None, None, torch.bfloat16, True),
+    (1, 1000, SHAPES[1], 256, dict(D="HP", z=True, dt_bias=True, initial_states=True), None, None, torch.float32,
+     False),
+    (1, 1000, SHAPES[2], 64, dict(z=True, dt_bias=True), (0.0, 0.1), None, torch.bfloat16, False),
+    (1, 300, SHAPES[2], 256, dict(D="H", z=True, dt_bias=True, initial_states=True), None, None, torch.float32,
+     True),
+    (2, 65, SHAPES[0], 256, dict(z=True, initial_states=True), None, (10, 3), torch.float32, True),
+    (1, 100, (2, 33, 40, 1), 64, dict(D="H", z=True, dt_bias=True, initial_states=True), None, None, torch.bfloat16,
+     True),
 ]
 
 
 def _case_id(case):
-    B, T, (H, P, NS, G), chunk, opts, limit, lag, dtype = case
-    parts = [str(dtype).replace("torch.", ""), f"B{B}T{T}H{H}P{P}N{NS}G{G}", f"c{chunk}"]
+    B, T, (H, P, NS, G), chunk, opts, limit, lag, dtype, grads = case
+    parts = [str(dtype).replace("torch.", ""), f"B{B}T{T}H{H}P{P}N{NS}G{G}", f"c{chunk}", "bwd" if grads else "fwd"]
     parts += [k if v is True else f"{k}={v}" for k, v in opts.items()]
     return "-".join(parts + ([f"limit{limit}"] if limit else []) + ([f"lag{lag}"] if lag else []))
 
@@ -87,24 +92,44 @@ def _run(inputs, chunk, limit, lag, grads):
 
 
 @pytest.mark.parametrize("case", CASES, ids=[_case_id(c) for c in CASES])
-def test_chunk_scan_forward(case):
-    B, T, (H, P, NS, G), chunk, opts, limit, lag, dtype = case
-    inputs = make_ssd_inputs(B, T, H, P, NS, G, dtype=dtype, **opts)
-    for name, got, ref, kind in _run(inputs, chunk, limit, lag, grads=False):
+def test_chunk_scan(case):
+    B, T, (H, P, NS, G), chunk, opts, limit, lag, dtype, grads = case
+    inputs = make_ssd_inputs(B, T, H, P, NS, G, dtype=dtype, requires_grad=grads, **opts)
+    for name, got, ref, kind in _run(inputs, chunk, limit, lag, grads):
         _check(name, got, ref, dtype, kind)
 
 
-VARLEN_CASES = [(testing.VARLEN_LENGTHS[0], lag) for lag in (None,) + testing.SSD_LAGS] + [
-    (testing.VARLEN_LENGTHS[1], None)]
+# (lengths, lag, grads): an empty sequence, sequences shorter and longer than a chunk, every lag.
+VARLEN_CASES = [(testing.VARLEN_LENGTHS[0], lag, lag in (None, (10, 3))) for lag in (None,) + testing.SSD_LAGS] + [
+    (testing.VARLEN_LENGTHS[1], None, True)]
 
 
-@pytest.mark.parametrize("lengths, lag", VARLEN_CASES)
-def test_chunk_scan_varlen_lag(lengths, lag):
+@pytest.mark.parametrize("lengths, lag, grads", VARLEN_CASES)
+def test_chunk_scan_varlen_lag(lengths, lag, grads):
     """Packed sequences (an empty one among them), each with its final state, with and without lag."""
     inputs = make_ssd_inputs(1, sum(lengths), 4, 5, 7, 2, D="H", z=True, dt_bias=True, initial_states=True,
-                             lengths=lengths)
-    for name, got, ref, kind in _run(inputs, 64, None, lag, grads=False):
+                             lengths=lengths, requires_grad=grads)
+    for name, got, ref, kind in _run(inputs, 64, None, lag, grads):
         _check(name, got, ref, torch.float32, kind)
+
+
+def test_chunk_scan_bwd_without_initial_states():
+    """The backward returns the gradient w.r.t. the zero initial state too (the op's dinitial_states)."""
+    inputs = make_ssd_inputs(2, 70, 4, 5, 7, 2, D="H", z=True)
+    dout, dfinal = torch.randn(2, 70, 4, 5), torch.randn(2, 4, 5, 7)
+    got = torch.ops.ahn.ssd_chunk_scan_bwd(dout, dfinal, *_op_args(inputs, chunk_size=64))
+    want = reference.chunked_bwd(dout.double(), dfinal.double(), **_fp64(inputs), chunk_size=64)
+    for name, g, w in zip(("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_states"), got, want):
+        if w is None:
+            assert g.numel() == 0, f"d{name}: expected the empty placeholder"
+            continue
+        _check(f"d{name}", g, w, torch.float32, GRAD_KIND[name])
+
+
+def _op_args(inputs, chunk_size, lag=(0, 0)):
+    i = inputs
+    return (i["x"], i["dt"], i["A"], i["B"], i["C"], chunk_size, i["D"], i["z"], i["dt_bias"], i["initial_states"],
+            i["cu_seqlens"], i["dt_softplus"], 0.0, math.inf, *lag)
 
 
 def _zoned(inputs):

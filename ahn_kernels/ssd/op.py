@@ -137,6 +137,21 @@ def run_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_ba
     _backend._C.launch_ssd_state_update_cpu(p, torch.get_num_threads())
 
 
+def run_chunk_scan_bwd_triton(dout, dfinal_states, x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states,
+                              cu_seqlens, dt_softplus, dt_min, dt_max, lag_window, lag_sinks):
+    """The Triton backward: reference.chunked_bwd's results (an empty tensor for an absent D, z or dt_bias)."""
+    from .triton_chunk_scan_bwd import ssd_chunk_scan_bwd
+
+    h0 = None if initial_states is None else initial_states.float().contiguous()
+    cu = None if cu_seqlens is None else cu_seqlens.long()
+    grads = ssd_chunk_scan_bwd(dout, dfinal_states, x, _gate(dt), _gate(A).contiguous(), B, C, chunk_size,
+                               _gate(D), z, _gate(dt_bias), h0, cu, dt_softplus, dt_min, dt_max, lag_window,
+                               lag_sinks)
+    inputs = (x, dt, A, B, C, D, z, dt_bias, None)
+    return tuple(x.new_empty(0) if g is None else g.to(t.dtype if t is not None else g.dtype).contiguous()
+                 for g, t in zip(grads, inputs))
+
+
 def run_state_update_triton(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices, out):
     """``run_state_update`` on the Triton kernel (CUDA tensors, or CPU ones under TRITON_INTERPRET=1)."""
     from .triton_state_update import ssd_state_update
@@ -166,7 +181,10 @@ def _fwd(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, cu_seqlens, 
 
 def _bwd(dout, dfinal_states, x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, cu_seqlens, dt_softplus,
          dt_min, dt_max, lag_window, lag_sinks):
-    _backend.choose("ssd_chunk_scan_bwd", x.device.type)  # no backward kernel yet: the explicit reference runs
+    if _backend.choose("ssd_chunk_scan_bwd", x.device.type) == "triton" and x.dtype in _DTYPE_CODE:
+        return run_chunk_scan_bwd_triton(dout, dfinal_states, x, dt, A, B, C, chunk_size, D, z, dt_bias,
+                                         initial_states, cu_seqlens, dt_softplus, dt_min, dt_max, lag_window,
+                                         lag_sinks)
     grads = reference.chunked_bwd(dout, dfinal_states, x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states,
                                   cu_seqlens, dt_softplus, (dt_min, dt_max), _lag(lag_window, lag_sinks))
     # an absent D, z or dt_bias has no gradient: an empty tensor holds its slot

@@ -17,7 +17,8 @@ Stages (one kernel each, every accumulator fp32):
 3. ``ssd_state_pass_kernel``: h <- exp(a_last) h + add over a sequence's chunks, storing
    the value entering each chunk in place of ``add``; forwards it turns chunk
    states into entering states, in REVERSE it turns the entering-state gradients
-   into chunk-state gradients (and the decays' gradients).
+   into chunk-state gradients (one kernel, so the backward's recomputation and its
+   reverse pass walk the chunks exactly as the forward does).
 
 Tiles (H100/H200, untuned: no GPU was available to measure): chunk state BT = BP = BN
 = 32, 4 warps; state pass 1024 elements, 4 warps. Register counts from ptxas
@@ -159,7 +160,7 @@ def ssd_chunk_state_kernel(
 @triton.jit
 def ssd_state_pass_kernel(
     # pointers
-    states, dA_cs, h0, final, cu_seqlens, chunk_first, h_fwd, ddecay,
+    states, dA_cs, h0, final, cu_seqlens, chunk_first,
     # sizes
     T, H, PN, NC_SEQ, W, S,
     # meta
@@ -194,9 +195,6 @@ def ssd_state_pass_kernel(
         base = (i_c * H + i_h) * PN
         b_add = tl.load(states + base + o, mask=m, other=0.0)
         tl.store(states + base + o, b_h, mask=m)
-        if REVERSE:  # d decay_c, one partial sum per tile (summed by the caller in a fixed order)
-            b_hf = tl.load(h_fwd + base + o, mask=m, other=0.0)
-            tl.store(ddecay + (i_c * H + i_h) * tl.num_programs(2) + i_t, tl.sum(b_h * b_hf, 0))
         b_h = tl.exp(tl.load(dA_cs + (i_c * H + i_h) * L + L - 1)) * b_h + b_add
     tl.store(final + base_h + o, b_h, mask=m)
 
@@ -230,12 +228,17 @@ class Layout:
     def args(self):
         return self.cu, self.chunk_seq, self.chunk_first
 
+    def new(self, *shape, like):
+        """An fp32 buffer over the chunk slots: zeros under varlen, whose slots past the last chunk no
+        program writes (the backward reads every slot); uninitialised otherwise."""
+        return (torch.zeros if self.cu is not None else torch.empty)(*shape, dtype=torch.float32, device=like.device)
+
 
 def chunk_cumsum(dt, A, dt_bias, dt_softplus, dt_min, dt_max, lay):
     """dt processed and the per-chunk prefix sums of dt A: (dt_out, dA_cs), both [NC, H, L] fp32."""
     H = dt.shape[2]
-    dt_out = dt.new_empty(lay.NC, H, lay.L, dtype=torch.float32)  # [NC, H, L]
-    dA_cs = torch.empty_like(dt_out)  # [NC, H, L]
+    dt_out = lay.new(lay.NC, H, lay.L, like=dt)  # [NC, H, L]
+    dA_cs = lay.new(lay.NC, H, lay.L, like=dt)  # [NC, H, L]
     if lay.NC * H:
         ssd_chunk_cumsum_kernel[(lay.NC, H)](
             dt, A, dt_bias, *lay.args(), dt_out, dA_cs,
@@ -249,7 +252,7 @@ def chunk_state(u, v, dt_out, dA_cs, lay, from_start):
     """sum_i w_i u_iᵀ v_i per chunk and head, [NC, H, P, N_state] fp32 (module docstring, stage 2)."""
     H, P = u.shape[2:]
     G, NS = v.shape[2:]
-    out = u.new_empty(lay.NC, H, P, NS, dtype=torch.float32)  # [NC, H, P, N_state]
+    out = lay.new(lay.NC, H, P, NS, like=u)  # [NC, H, P, N_state]
     if lay.NC * H:
         grid = (lay.NC, H, triton.cdiv(P, BP) * triton.cdiv(NS, BN))
         ssd_chunk_state_kernel[grid](
@@ -262,26 +265,22 @@ def chunk_state(u, v, dt_out, dA_cs, lay, from_start):
     return out
 
 
-def state_pass(states, dA_cs, h0, lay, final, h_fwd=None):
+def state_pass(states, dA_cs, h0, lay, final, reverse=False):
     """Run stage 3 over ``states`` [NC, H, P, N_state] fp32 in place; the last h goes to ``final`` [N, H, P, N_state].
 
-    Forwards (``h_fwd`` None) ``states`` becomes the state entering each chunk and
-    h0 is the initial state. In reverse (``h_fwd``, the entering states) ``states``
-    holds the entering states' gradients and becomes the chunk states' gradients,
-    h0 is the final states' gradient, and the result is the initial states'
-    gradient; then returns the decays' gradients d exp(a_last) [NC, H].
+    Forwards ``states`` becomes the state entering each chunk and h0 is the initial
+    state. In ``reverse`` ``states`` holds the entering states' gradients and becomes
+    the chunk states' gradients, h0 is the final states' gradient, and ``final`` gets
+    the initial states' gradient.
     """
     _, H, P, NS = states.shape
-    n_tiles = triton.cdiv(P * NS, PASS_BLOCK)
-    ddecay = None if h_fwd is None else states.new_zeros(lay.NC, H, n_tiles)  # [NC, H, tiles]
     if lay.N * H:
-        ssd_state_pass_kernel[(lay.N, H, n_tiles)](
-            states, dA_cs, h0, final, lay.cu, lay.chunk_first, h_fwd, ddecay,
+        ssd_state_pass_kernel[(lay.N, H, triton.cdiv(P * NS, PASS_BLOCK))](
+            states, dA_cs, h0, final, lay.cu, lay.chunk_first,
             lay.T, H, P * NS, lay.NC_SEQ, lay.W, lay.S,
-            L=lay.L, BLOCK=PASS_BLOCK, REVERSE=h_fwd is not None, HAS_H0=h0 is not None,
+            L=lay.L, BLOCK=PASS_BLOCK, REVERSE=reverse, HAS_H0=h0 is not None,
             IS_VARLEN=lay.cu is not None, num_warps=NUM_WARPS,
         )
-    return None if h_fwd is None else ddecay.sum(-1)
 
 
 def chunk_states(x, dt, A, B, dt_bias, h0, dt_softplus, dt_min, dt_max, lay, final):
@@ -332,10 +331,6 @@ def _pass_case(reverse, varlen):
     ptrs = {n: "*fp32" for n in ("states", "dA_cs", "h0", "final")}
     ptrs.update({"cu_seqlens": "*i64", "chunk_first": "*i32"} if varlen else {})
     absent = {} if varlen else {"cu_seqlens": None, "chunk_first": None}
-    if reverse:
-        ptrs.update(h_fwd="*fp32", ddecay="*fp32")
-    else:
-        absent.update(h_fwd=None, ddecay=None)
     return aot_case(f"{'reverse' if reverse else 'forward'}{' varlen' if varlen else ''}", ssd_state_pass_kernel,
                     ptrs, dict(absent, L=64, BLOCK=PASS_BLOCK, REVERSE=reverse, HAS_H0=True, IS_VARLEN=varlen))
 
