@@ -55,8 +55,8 @@ CASES = [
     (2, 65, SHAPES[3], 64, dict(D="H", dt_softplus=False, initial_states=True), None, None, torch.bfloat16, True),
     (1, 1000, SHAPES[1], 256, dict(D="HP", z=True, dt_bias=True, initial_states=True), None, None, torch.float32,
      False),
-    (1, 1000, SHAPES[2], 64, dict(z=True, dt_bias=True), (0.0, 0.1), None, torch.bfloat16, False),
-    (1, 300, SHAPES[2], 256, dict(D="H", z=True, dt_bias=True, initial_states=True), None, None, torch.float32,
+    (1, 1000, (2, 5, 7, 2), 64, dict(z=True, dt_bias=True), (0.0, 0.1), None, torch.bfloat16, False),
+    (1, 300, (2, 5, 7, 2), 256, dict(D="H", z=True, dt_bias=True, initial_states=True), None, None, torch.float32,
      True),
     (2, 65, SHAPES[0], 256, dict(z=True, initial_states=True), None, (10, 3), torch.float32, True),
     (1, 100, (2, 33, 40, 1), 64, dict(D="H", z=True, dt_bias=True, initial_states=True), None, None, torch.bfloat16,
@@ -100,8 +100,8 @@ def test_chunk_scan(case):
 
 
 # (lengths, lag, grads): an empty sequence, sequences shorter and longer than a chunk, every lag.
-VARLEN_CASES = [(testing.VARLEN_LENGTHS[0], lag, lag in (None, (10, 3))) for lag in (None,) + testing.SSD_LAGS] + [
-    (testing.VARLEN_LENGTHS[1], None, True)]
+VARLEN_CASES = [(testing.VARLEN_LENGTHS[0], lag, lag is None) for lag in (None,) + testing.SSD_LAGS] + [
+    (testing.VARLEN_LENGTHS[1], (10, 3), True)]
 
 
 @pytest.mark.parametrize("lengths, lag, grads", VARLEN_CASES)
@@ -164,6 +164,28 @@ def test_chunk_scan_red_zone(lengths):
     out_ref, final_ref = reference.recurrent(**_fp64(inputs), lag=(3, 1))
     _check("out", out, out_ref, torch.float32, "out")
     _check("final_states", final, final_ref, torch.float32, "out")
+
+
+def test_chunk_scan_bwd_red_zone():
+    """The backward reads only inside its inputs (NaN guard bands, a strided x), varlen with lag."""
+    lengths = testing.VARLEN_LENGTHS[1]
+    T = sum(lengths)
+    inputs = make_ssd_inputs(1, T, 4, 5, 7, 2, D="H", z=True, dt_bias=True, initial_states=True, lengths=lengths)
+    inputs["dout"], inputs["dfinal"] = torch.randn(1, T, 4, 5), torch.randn(3, 4, 5, 7)
+    zoned, checks = _zoned(inputs)
+    wide, check_wide = testing.red_zone((1, 4, T, 9), torch.float32)  # [B, H, T, 9]: x a permuted slice of it
+    wide[..., 2:7] = inputs["x"].transpose(1, 2)
+    zoned["x"] = wide[..., 2:7].transpose(1, 2)
+    checks.append(check_wide)
+    args = [zoned[k] for k in ("x", "dt", "A", "B", "C")]
+    rest = [zoned[k] for k in ("D", "z", "dt_bias", "initial_states", "cu_seqlens")]
+    got = ssd_op.run_chunk_scan_bwd_triton(zoned["dout"], zoned["dfinal"], *args, 16, *rest, True, 0.0, math.inf, 3, 1)
+    for check in checks:
+        check()
+    ref = {k: v for k, v in _fp64(inputs).items() if k not in ("dout", "dfinal")}
+    want = reference.chunked_bwd(inputs["dout"].double(), inputs["dfinal"].double(), **ref, chunk_size=16, lag=(3, 1))
+    for name, g, w in zip(("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_states"), got, want):
+        _check(f"d{name}", g, w, torch.float32, GRAD_KIND[name])
 
 
 # ----------------------------------------------------------------------------

@@ -105,12 +105,14 @@ def run_chunk_scan_triton(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_sta
                           dt_min, dt_max, lag_window, lag_sinks, out, final_states):
     """``run_chunk_scan`` on the Triton kernels (chunked; CUDA tensors, or CPU ones under TRITON_INTERPRET=1)."""
     from .triton_chunk_scan import ssd_chunk_scan_fwd
+    from .triton_chunk_state import on_device
 
     dt_bias = None if dt_bias is None else _gate(dt_bias).contiguous()
     h0 = None if initial_states is None else initial_states.float().contiguous()
     cu = None if cu_seqlens is None else cu_seqlens.long()
-    ssd_chunk_scan_fwd(x, _gate(dt), _gate(A).contiguous(), B, C, chunk_size, _gate(D), z, dt_bias, h0, cu,
-                       dt_softplus, dt_min, dt_max, lag_window, lag_sinks, out, final_states)
+    with on_device(x):
+        ssd_chunk_scan_fwd(x, _gate(dt), _gate(A).contiguous(), B, C, chunk_size, _gate(D), z, dt_bias, h0, cu,
+                           dt_softplus, dt_min, dt_max, lag_window, lag_sinks, out, final_states)
 
 
 def run_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices, out):
@@ -141,12 +143,15 @@ def run_chunk_scan_bwd_triton(dout, dfinal_states, x, dt, A, B, C, chunk_size, D
                               cu_seqlens, dt_softplus, dt_min, dt_max, lag_window, lag_sinks):
     """The Triton backward: reference.chunked_bwd's results (an empty tensor for an absent D, z or dt_bias)."""
     from .triton_chunk_scan_bwd import ssd_chunk_scan_bwd
+    from .triton_chunk_state import on_device
 
+    dt_bias = None if dt_bias is None else _gate(dt_bias).contiguous()
     h0 = None if initial_states is None else initial_states.float().contiguous()
     cu = None if cu_seqlens is None else cu_seqlens.long()
-    grads = ssd_chunk_scan_bwd(dout, dfinal_states, x, _gate(dt), _gate(A).contiguous(), B, C, chunk_size,
-                               _gate(D), z, _gate(dt_bias), h0, cu, dt_softplus, dt_min, dt_max, lag_window,
-                               lag_sinks)
+    with on_device(x):
+        grads = ssd_chunk_scan_bwd(dout, dfinal_states, x, _gate(dt), _gate(A).contiguous(), B, C, chunk_size,
+                                   _gate(D), z, dt_bias, h0, cu, dt_softplus, dt_min, dt_max, lag_window,
+                                   lag_sinks)
     inputs = (x, dt, A, B, C, D, z, dt_bias, None)
     return tuple(x.new_empty(0) if g is None else g.to(t.dtype if t is not None else g.dtype).contiguous()
                  for g, t in zip(grads, inputs))

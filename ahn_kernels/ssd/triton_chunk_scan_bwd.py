@@ -66,6 +66,8 @@ def ssd_bwd_dx_kernel(
         return
     n_ptiles = tl.cdiv(P, BP)
     i_jb = i_jp // n_ptiles
+    if k * L + i_jb * BM >= M:  # padding slots only: their zeros are already there
+        return
     i_g = i_h // (H // G)
     o_j = i_jb * BM + tl.arange(0, BM)
     o_p = (i_jp % n_ptiles) * BP + tl.arange(0, BP)
@@ -138,6 +140,8 @@ def ssd_bwd_dbc_kernel(
         return
     n_ntiles = tl.cdiv(NS, BN)
     i_rb = i_rn // n_ntiles
+    if k * L + i_rb * BM >= M:  # padding slots only: their zeros are already there
+        return
     i_g = i_h // (H // G)
     o_r = i_rb * BM + tl.arange(0, BM)
     o_n = (i_rn % n_ntiles) * BN + tl.arange(0, BN)
@@ -256,9 +260,12 @@ def ssd_chunk_scan_bwd(dout, dfinal, x, dt, A, B, C, chunk_size, D, z, dt_bias, 
     Bsz, T, H, P = x.shape
     G, NS = B.shape[2:]
     lay = cs.Layout(x, cu_seqlens, chunk_size, lag_window, lag_sinks)
-    final = x.new_empty(lay.N, H, P, NS, dtype=torch.float32)  # [N, H, P, N_state]
-    dt_out, dA_cs, h_in = cs.chunk_states(x, dt, A, B, dt_bias, h0, dt_softplus, dt_min, dt_max, lay, final)
-    S_own = cs.chunk_state(x, B, dt_out, dA_cs, lay, from_start=False)  # [NC, H, P, N_state]: each chunk's own
+    # stages 1-3 as the forward runs them, keeping each chunk's own state S_own beside the entering h_in
+    dt_out, dA_cs = cs.chunk_cumsum(dt, A, dt_bias, dt_softplus, dt_min, dt_max, lay)
+    S_own = cs.chunk_state(x, B, dt_out, dA_cs, lay, from_start=False)  # [NC, H, P, N_state]
+    h_in = S_own.clone()  # [NC, H, P, N_state]
+    final = x.new_empty(lay.N, H, P, NS, dtype=torch.float32)  # [N, H, P, N_state]; recomputed, unused
+    cs.state_pass(h_in, dA_cs, h0, lay, final)
     y = torch.empty(x.shape, dtype=torch.float32, device=x.device)  # [B, T, H, P]: the memory readout
     scan.chunk_scan(x, B, C, None, None, dt_out, dA_cs, h_in, lay, y)
 
@@ -282,9 +289,10 @@ def ssd_chunk_scan_bwd(dout, dfinal, x, dt, A, B, C, chunk_size, D, z, dt_bias, 
     cs.state_pass(dstates, dA_cs, dfinal.float().contiguous(), lay, dh0, reverse=True)  # dstates: d S_own
 
     L = lay.L
-    dxdt = lay.new(lay.NC * L, H, P, like=x)  # [NC * L, H, P]
-    dBh = lay.new(lay.NC * L, H, NS, like=x)  # [NC * L, H, N_state], per head
-    dCh = lay.new(lay.NC * L, H, NS, like=x)  # [NC * L, H, N_state]
+    # zeros: the kernels skip blocks of padding slots, which the sums below still read
+    dxdt = x.new_zeros(lay.NC * L, H, P, dtype=torch.float32)  # [NC * L, H, P]
+    dBh = x.new_zeros(lay.NC * L, H, NS, dtype=torch.float32)  # [NC * L, H, N_state], per head
+    dCh = torch.zeros_like(dBh)  # [NC * L, H, N_state]
     if lay.NC * H:
         meta = dict(L=L, BM=min(BM, L), BP=BP, BN=BN, IS_VARLEN=lay.cu is not None, num_warps=NUM_WARPS)
         sizes = (T, H, G, P, NS, lay.N, lay.NC_SEQ, lay.W, lay.S)

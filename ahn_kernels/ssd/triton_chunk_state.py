@@ -32,6 +32,8 @@ Native bf16/fp16 dots for 16-bit inputs are the first thing to tune.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -202,6 +204,11 @@ def ssd_state_pass_kernel(
 # ----------------------------------------------------------------------------
 # launchers
 # ----------------------------------------------------------------------------
+def on_device(t):
+    """Triton launches on the current CUDA device: make it the tensors' (a no-op for CPU tensors)."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
 class Layout:
     """Where the chunks are: NC (flat chunk slots, an upper bound under varlen), the maps and the lag."""
 

@@ -15,13 +15,10 @@ from ptxas (sm_80/sm_90, ``python -m ahn_kernels.triton_aot``): 64-128, no spill
 
 from __future__ import annotations
 
-import contextlib
-
-import torch
 import triton
 import triton.language as tl
 
-from .triton_chunk_state import aot_case
+from .triton_chunk_state import aot_case, on_device
 
 STATE_TILE = 2048  # BP * BN
 MIN_BLOCK = 16
@@ -110,8 +107,7 @@ def ssd_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_ba
     BP, BN = _blocks(P, NS)
     D_sh, D_sp = (0, 0) if D is None else ((D.stride(0), 0) if D.dim() == 1 else D.stride())
     z_strides = (0, 0) if z is None else z.stride()[:2]
-    guard = torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()
-    with guard:
+    with on_device(x):
         ssd_state_update_kernel[(Bsz, H, triton.cdiv(P, BP))](
             state, x, dt, A, B, C, D, z, dt_bias, state_batch_indices, out,
             H, G, P, NS,
