@@ -133,6 +133,20 @@ def run_chunk_scan_bwd(dout, dfinal_states, x, dt, A, B, C, chunk_size, D, z, dt
     _backend._C.launch_ssd_scan_bwd_cpu(q, torch.get_num_threads())
 
 
+def run_chunk_scan_triton(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, cu_seqlens, dt_softplus,
+                          dt_min, dt_max, lag_window, lag_sinks, out, final_states):
+    """``run_chunk_scan`` on the Triton kernels (chunked; CUDA tensors, or CPU ones under TRITON_INTERPRET=1)."""
+    from .triton_chunk_scan import ssd_chunk_scan_fwd
+    from .triton_chunk_state import on_device
+
+    dt_bias = None if dt_bias is None else _gate(dt_bias).contiguous()
+    h0 = None if initial_states is None else initial_states.float().contiguous()
+    cu = None if cu_seqlens is None else cu_seqlens.long()
+    with on_device(x):
+        ssd_chunk_scan_fwd(x, _gate(dt), _gate(A).contiguous(), B, C, chunk_size, _gate(D), z, dt_bias, h0, cu,
+                           dt_softplus, dt_min, dt_max, lag_window, lag_sinks, out, final_states)
+
+
 def run_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices, out):
     """Run the compiled CPU decode step: ``state`` [N, H, P, N_state] fp32 in place, ``out`` [B, H, P] contiguous."""
     dt, A, D, dt_bias = _gate(dt), _gate(A).contiguous(), _gate(D), _gate(dt_bias)
@@ -157,16 +171,45 @@ def run_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_ba
     _backend._C.launch_ssd_state_update_cpu(p, torch.get_num_threads())
 
 
+def run_chunk_scan_bwd_triton(dout, dfinal_states, x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states,
+                              cu_seqlens, dt_softplus, dt_min, dt_max, lag_window, lag_sinks):
+    """The Triton backward: reference.chunked_bwd's results (an empty tensor for an absent D, z or dt_bias)."""
+    from .triton_chunk_scan_bwd import ssd_chunk_scan_bwd
+    from .triton_chunk_state import on_device
+
+    dt_bias = None if dt_bias is None else _gate(dt_bias).contiguous()
+    h0 = None if initial_states is None else initial_states.float().contiguous()
+    cu = None if cu_seqlens is None else cu_seqlens.long()
+    with on_device(x):
+        grads = ssd_chunk_scan_bwd(dout, dfinal_states, x, _gate(dt), _gate(A).contiguous(), B, C, chunk_size,
+                                   _gate(D), z, dt_bias, h0, cu, dt_softplus, dt_min, dt_max, lag_window,
+                                   lag_sinks)
+    inputs = (x, dt, A, B, C, D, z, dt_bias, None)
+    return tuple(x.new_empty(0) if g is None else g.to(t.dtype if t is not None else g.dtype).contiguous()
+                 for g, t in zip(grads, inputs))
+
+
+def run_state_update_triton(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices, out):
+    """``run_state_update`` on the Triton kernel (CUDA tensors, or CPU ones under TRITON_INTERPRET=1)."""
+    from .triton_state_update import ssd_state_update
+
+    dt_bias = None if dt_bias is None else _gate(dt_bias).contiguous()
+    ssd_state_update(state, x, _gate(dt), _gate(A).contiguous(), B, C, _gate(D), z, dt_bias, dt_softplus,
+                     state_batch_indices, out)
+
+
 def _fwd(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, cu_seqlens, dt_softplus, dt_min, dt_max,
          lag_window, lag_sinks):
     # fp64 reaches the raw op only from tests (gradcheck); the kernels are fp32 inside, so the reference serves it.
-    if _backend.choose("ssd_chunk_scan", x.device.type) == "cpu" and x.dtype in _DTYPE_CODE:
+    backend = _backend.choose("ssd_chunk_scan", x.device.type)
+    if backend in ("cpu", "triton") and x.dtype in _DTYPE_CODE:
         _, _, H, P = x.shape
         out = x.new_empty(x.shape)  # [B, T, H, P]
         N = _num_seqs(x, cu_seqlens)
         final_states = x.new_empty(N, H, P, B.shape[3], dtype=torch.float32)  # [N, H, P, N_state]
-        run_chunk_scan(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, cu_seqlens, dt_softplus, dt_min,
-                       dt_max, lag_window, lag_sinks, out, final_states)
+        run = run_chunk_scan_triton if backend == "triton" else run_chunk_scan
+        run(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, cu_seqlens, dt_softplus, dt_min,
+            dt_max, lag_window, lag_sinks, out, final_states)
         return out, final_states
     out, final_states = reference.chunked(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, cu_seqlens,
                                           dt_softplus, (dt_min, dt_max), _lag(lag_window, lag_sinks))
@@ -199,9 +242,14 @@ def _bwd_cpu(dout, dfinal_states, x, dt, A, B, C, chunk_size, D, z, dt_bias, ini
 
 def _bwd(dout, dfinal_states, x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, cu_seqlens, dt_softplus,
          dt_min, dt_max, lag_window, lag_sinks):
-    if _backend.choose("ssd_chunk_scan_bwd", x.device.type) == "cpu" and x.dtype in _DTYPE_CODE:
+    backend = _backend.choose("ssd_chunk_scan_bwd", x.device.type)
+    if backend == "cpu" and x.dtype in _DTYPE_CODE:
         return _bwd_cpu(dout, dfinal_states, x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, cu_seqlens,
                         dt_softplus, dt_min, dt_max, lag_window, lag_sinks)
+    if backend == "triton" and x.dtype in _DTYPE_CODE:
+        return run_chunk_scan_bwd_triton(dout, dfinal_states, x, dt, A, B, C, chunk_size, D, z, dt_bias,
+                                         initial_states, cu_seqlens, dt_softplus, dt_min, dt_max, lag_window,
+                                         lag_sinks)
     grads = reference.chunked_bwd(dout, dfinal_states, x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states,
                                   cu_seqlens, dt_softplus, (dt_min, dt_max), _lag(lag_window, lag_sinks))
     # an absent D, z or dt_bias has no gradient: an empty tensor holds its slot
@@ -209,10 +257,11 @@ def _bwd(dout, dfinal_states, x, dt, A, B, C, chunk_size, D, z, dt_bias, initial
 
 
 def _state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices):
-    if (_backend.choose("ssd_state_update", x.device.type) == "cpu" and x.dtype in _DTYPE_CODE
-            and state.dtype == torch.float32):
+    backend = _backend.choose("ssd_state_update", x.device.type)
+    if backend in ("cpu", "triton") and x.dtype in _DTYPE_CODE and state.dtype == torch.float32:
         out = x.new_empty(x.shape)  # [B, H, P]
-        run_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices, out)
+        run = run_state_update_triton if backend == "triton" else run_state_update
+        run(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices, out)
         return out
     return reference.state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices)
 

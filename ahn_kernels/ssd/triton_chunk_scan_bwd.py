@@ -1,0 +1,361 @@
+"""SSD chunked scan backward in Triton: recompute the forward's stages, then the gradients per chunk.
+
+Per chunk (chunk-local i, j; a = the prefix sums of dt A; E_ij = exp(a_i - a_j) for
+j <= i; te_j = exp(a_last - a_j); xdt_j = dt_j x_j; dy the gradient of the memory
+readout, dS the chunk state's gradient, h_in the entering state):
+
+    dxdt_j = sum_{i >= j} (C_i . B_j) E_ij dy_i + te_j dS B_j            ssd_bwd_dx_kernel
+    dB_j   = sum_{i >= j} E_ij (dy_i . xdt_j) C_i + te_j dSᵀ xdt_j        ssd_bwd_dbc_kernel, FOR_B
+    dC_i   = sum_{j <= i} E_ij (dy_i . xdt_j) B_j + exp(a_i) h_inᵀ dy_i   ssd_bwd_dbc_kernel, not FOR_B
+
+and, since every term of the readout y_k carries exp(a_k) and every term that token
+k feeds carries exp(-a_k), d a_k = dy_k . y_k - dt_k x_k . dxdt_k (+ dS . h_out at
+the chunk's last slot), which the driver sums into d(dt A) from the end of the chunk.
+
+Order: stages 1-3 forwards (``triton_chunk_state``, the forward's own kernels), the
+pre-gate readout (``triton_chunk_scan``'s kernel without D and z), dh_in (the chunk
+state kernel FROM_START on dy and C), the state pass in REVERSE (dS and d initial
+state), then the two kernels above. dB and dC are per head; heads sharing a group
+are summed in a fixed order, no atomics, so the backward is deterministic. The
+per-token elementwise parts (z, D, the dt chain, the gathers between rows and chunk
+slots) are PyTorch ops on [B, T, H] and [B, T, H, P] tensors, without host syncs.
+
+Tiles (H100/H200, untuned: no GPU was available): BM = BP = BN = 32, 8 warps; dots
+as in ``triton_chunk_state`` (fp32 operands, tf32x3). Register counts from ptxas
+(sm_80/sm_90, ``python -m ahn_kernels.triton_aot``): dx 187-236, dB/dC 192-236, no
+spills (at 4 warps the dC kernel spilled at sm_90).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from . import triton_chunk_scan as scan
+from . import triton_chunk_state as cs
+from .triton_chunk_state import chunk_of
+
+BM, BP, BN = 32, 32, 32
+NUM_WARPS = 8
+
+
+@triton.jit
+def ssd_bwd_dx_kernel(
+    # pointers
+    B, C, dy, dA_cs, dstates, cu_seqlens, chunk_seq, chunk_first, dxdt,
+    # sizes
+    T, H, G, P, NS, N, NC_SEQ, W, S,
+    # strides
+    stride_Bb, stride_Bt, stride_Bg,
+    stride_Cb, stride_Ct, stride_Cg,
+    stride_dyb, stride_dyt, stride_dyh,
+    # meta
+    L: tl.constexpr,
+    BM: tl.constexpr,
+    BP: tl.constexpr,
+    BN: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+):
+    i_c = tl.program_id(0).to(tl.int64)
+    i_h = tl.program_id(1)
+    i_jp = tl.program_id(2)
+    i_n, i_b, bos, M, k = chunk_of(i_c, cu_seqlens, chunk_seq, chunk_first, T, N, NC_SEQ, W, S, IS_VARLEN)
+    if i_n >= N:
+        return
+    n_ptiles = tl.cdiv(P, BP)
+    i_jb = i_jp // n_ptiles
+    if k * L + i_jb * BM >= M:  # padding slots only: their zeros are already there
+        return
+    i_g = i_h // (H // G)
+    o_j = i_jb * BM + tl.arange(0, BM)
+    o_p = (i_jp % n_ptiles) * BP + tl.arange(0, BP)
+    m_j = k * L + o_j < M
+    m_p = o_p < P
+    r0 = bos + S + k * L
+    base_a = (i_c * H + i_h) * L
+    p_B = B + i_b * stride_Bb + i_g * stride_Bg + r0 * stride_Bt + o_j[:, None] * stride_Bt
+    p_C = C + i_b * stride_Cb + i_g * stride_Cg + (r0 + W) * stride_Ct
+    p_dy = dy + i_b * stride_dyb + i_h * stride_dyh + (r0 + W) * stride_dyt
+    b_aj = tl.load(dA_cs + base_a + o_j)
+
+    # te_j dS B_j, dS [P, N_state] read as [BN, BP]
+    b_acc = tl.zeros([BM, BP], dtype=tl.float32)
+    p_s = dstates + (i_c * H + i_h) * P * NS + o_p[None, :] * NS
+    for n0 in range(0, NS, BN):
+        o_n = n0 + tl.arange(0, BN)
+        m_n = o_n < NS
+        b_b = tl.load(p_B + o_n[None, :], mask=m_j[:, None] & m_n[None, :], other=0.0).to(tl.float32)
+        b_s = tl.load(p_s + o_n[:, None], mask=m_n[:, None] & m_p[None, :], other=0.0)
+        b_acc += tl.dot(b_b, b_s, input_precision="tf32x3")
+    b_acc *= tl.exp(tl.load(dA_cs + base_a + L - 1) - b_aj)[:, None]
+
+    # sum over row blocks i >= j of (B_j . C_i) E_ij dy_i
+    for i0 in range(i_jb * BM, tl.minimum(L, M - k * L), BM):
+        o_i = i0 + tl.arange(0, BM)
+        m_i = k * L + o_i < M
+        b_bc = tl.zeros([BM, BM], dtype=tl.float32)
+        for n0 in range(0, NS, BN):
+            o_n = n0 + tl.arange(0, BN)
+            m_n = o_n < NS
+            b_b = tl.load(p_B + o_n[None, :], mask=m_j[:, None] & m_n[None, :], other=0.0).to(tl.float32)
+            b_c = tl.load(p_C + o_i[None, :] * stride_Ct + o_n[:, None], mask=m_n[:, None] & m_i[None, :],
+                          other=0.0).to(tl.float32)
+            b_bc += tl.dot(b_b, b_c, input_precision="tf32x3")
+        b_ai = tl.load(dA_cs + base_a + o_i)
+        m_causal = (o_i[None, :] >= o_j[:, None]) & m_i[None, :]
+        b_w = b_bc * tl.exp(tl.where(m_causal, b_ai[None, :] - b_aj[:, None], float("-inf")))
+        b_dy = tl.load(p_dy + o_i[:, None] * stride_dyt + o_p[None, :], mask=m_i[:, None] & m_p[None, :], other=0.0)
+        b_acc += tl.dot(b_w, b_dy, input_precision="tf32x3")
+    p_out = dxdt + ((i_c * L + o_j[:, None]) * H + i_h) * P + o_p[None, :]
+    tl.store(p_out, b_acc, mask=m_p[None, :] & (o_j[:, None] < L))
+
+
+@triton.jit
+def ssd_bwd_dbc_kernel(
+    # pointers
+    x, B, C, dy, dt_out, dA_cs, h_in, dstates, cu_seqlens, chunk_seq, chunk_first, dbc,
+    # sizes
+    T, H, G, P, NS, N, NC_SEQ, W, S,
+    # strides
+    stride_xb, stride_xt, stride_xh,
+    stride_Bb, stride_Bt, stride_Bg,
+    stride_Cb, stride_Ct, stride_Cg,
+    stride_dyb, stride_dyt, stride_dyh,
+    # meta
+    L: tl.constexpr,
+    BM: tl.constexpr,
+    BP: tl.constexpr,
+    BN: tl.constexpr,
+    FOR_B: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+):
+    """dB (FOR_B: block rows are j, the others i >= j) or dC (block rows are i, the others j <= i), per head."""
+    i_c = tl.program_id(0).to(tl.int64)
+    i_h = tl.program_id(1)
+    i_rn = tl.program_id(2)
+    i_n, i_b, bos, M, k = chunk_of(i_c, cu_seqlens, chunk_seq, chunk_first, T, N, NC_SEQ, W, S, IS_VARLEN)
+    if i_n >= N:
+        return
+    n_ntiles = tl.cdiv(NS, BN)
+    i_rb = i_rn // n_ntiles
+    if k * L + i_rb * BM >= M:  # padding slots only: their zeros are already there
+        return
+    i_g = i_h // (H // G)
+    o_r = i_rb * BM + tl.arange(0, BM)
+    o_n = (i_rn % n_ntiles) * BN + tl.arange(0, BN)
+    m_r = k * L + o_r < M
+    m_n = o_n < NS
+    r0 = bos + S + k * L
+    base_a = (i_c * H + i_h) * L
+    p_x = x + i_b * stride_xb + i_h * stride_xh + r0 * stride_xt
+    p_dy = dy + i_b * stride_dyb + i_h * stride_dyh + (r0 + W) * stride_dyt
+    b_ar = tl.load(dA_cs + base_a + o_r)
+    b_last = tl.load(dA_cs + base_a + L - 1)
+    if FOR_B:  # own rows read x (kv rows), the others dy and C (output rows)
+        p_own, stride_own = p_x, stride_xt
+        p_other, stride_other = p_dy, stride_dyt
+        p_V = C + i_b * stride_Cb + i_g * stride_Cg + (r0 + W) * stride_Ct
+        stride_V = stride_Ct
+        p_S = dstates + (i_c * H + i_h) * P * NS
+        b_wr = tl.exp(b_last - b_ar) * tl.load(dt_out + base_a + o_r)  # te_j dt_j
+        lo = i_rb * BM
+        hi = tl.minimum(L, M - k * L)
+    else:
+        p_own, stride_own = p_dy, stride_dyt
+        p_other, stride_other = p_x, stride_xt
+        p_V = B + i_b * stride_Bb + i_g * stride_Bg + r0 * stride_Bt
+        stride_V = stride_Bt
+        p_S = h_in + (i_c * H + i_h) * P * NS
+        b_wr = tl.exp(b_ar)
+        lo = 0
+        hi = (i_rb + 1) * BM
+
+    # inter-chunk: w_r u_r S, S [P, N_state]
+    b_acc = tl.zeros([BM, BN], dtype=tl.float32)
+    for p0 in range(0, P, BP):
+        o_p = p0 + tl.arange(0, BP)
+        m_p = o_p < P
+        b_u = tl.load(p_own + o_r[:, None] * stride_own + o_p[None, :], mask=m_r[:, None] & m_p[None, :],
+                      other=0.0).to(tl.float32)
+        b_s = tl.load(p_S + o_p[:, None] * NS + o_n[None, :], mask=m_p[:, None] & m_n[None, :], other=0.0)
+        b_acc += tl.dot(b_u, b_s, input_precision="tf32x3")
+    b_acc *= b_wr[:, None]
+
+    # intra-chunk: E (dy . xdt) V over the other blocks
+    for o0 in range(lo, hi, BM):
+        o_o = o0 + tl.arange(0, BM)
+        m_o = k * L + o_o < M
+        b_g = tl.zeros([BM, BM], dtype=tl.float32)
+        for p0 in range(0, P, BP):
+            o_p = p0 + tl.arange(0, BP)
+            m_p = o_p < P
+            b_u = tl.load(p_own + o_r[:, None] * stride_own + o_p[None, :], mask=m_r[:, None] & m_p[None, :],
+                          other=0.0).to(tl.float32)
+            b_v = tl.load(p_other + o_o[None, :] * stride_other + o_p[:, None], mask=m_p[:, None] & m_o[None, :],
+                          other=0.0).to(tl.float32)
+            b_g += tl.dot(b_u, b_v, input_precision="tf32x3")
+        b_ao = tl.load(dA_cs + base_a + o_o)
+        if FOR_B:
+            b_g *= tl.load(dt_out + base_a + o_r)[:, None]
+            m_causal = (o_o[None, :] >= o_r[:, None]) & m_o[None, :]
+            b_e = tl.where(m_causal, b_ao[None, :] - b_ar[:, None], float("-inf"))
+        else:
+            b_g *= tl.load(dt_out + base_a + o_o)[None, :]
+            m_causal = (o_o[None, :] <= o_r[:, None]) & m_o[None, :]
+            b_e = tl.where(m_causal, b_ar[:, None] - b_ao[None, :], float("-inf"))
+        b_vo = tl.load(p_V + o_o[:, None] * stride_V + o_n[None, :], mask=m_o[:, None] & m_n[None, :],
+                       other=0.0).to(tl.float32)
+        b_acc += tl.dot(b_g * tl.exp(b_e), b_vo, input_precision="tf32x3")
+    p_out = dbc + ((i_c * L + o_r[:, None]) * H + i_h) * NS + o_n[None, :]
+    tl.store(p_out, b_acc, mask=m_n[None, :] & (o_r[:, None] < L))
+
+
+# ----------------------------------------------------------------------------
+# driver
+# ----------------------------------------------------------------------------
+def _slot_rows(lay, Bsz, device):
+    """The flat row ([B * T]) each chunk slot reads x, dt, B from, and the row it is read out at; B * T
+    (a zero row) for padding. Both [NC * L] int64, built on the device."""
+    rows = Bsz * lay.T
+    c = torch.arange(lay.NC, device=device)[:, None]  # [NC, 1]
+    i = torch.arange(lay.L, device=device)[None, :]  # [1, L]
+    if lay.cu is None:
+        M = max(0, lay.T - lay.W - lay.S)
+        m = (c % max(lay.NC_SEQ, 1)) * lay.L + i
+        kv = (c // max(lay.NC_SEQ, 1)) * lay.T + lay.S + m
+        valid = m < M
+    else:
+        n = lay.chunk_seq.long()[:, None].clamp(max=max(lay.N - 1, 0))  # [NC, 1]
+        bos = lay.cu[n]
+        M = (lay.cu[n + 1] - bos - lay.W - lay.S).clamp(min=0)
+        m = (c - lay.chunk_first.long()[n]) * lay.L + i
+        kv = bos + lay.S + m
+        valid = (lay.chunk_seq.long()[:, None] < lay.N) & (m < M)
+    return (torch.where(valid, kv, rows).reshape(-1), torch.where(valid, kv + lay.W, rows).reshape(-1))
+
+
+def _gather(t, idx):
+    """Rows idx of t [B, T, ...] flattened to [B * T, ...], with row B * T reading zeros: [len(idx), ...]."""
+    flat = t.reshape(-1, *t.shape[2:])
+    return torch.cat([flat, flat.new_zeros(1, *t.shape[2:])])[idx]
+
+
+def _scatter(g, idx, shape):
+    """The rows of g [len(idx), ...] written to rows idx of a zero [B, T, ...] (each real row named at most once)."""
+    flat = g.new_zeros(shape[0] * shape[1] + 1, *shape[2:])  # [B * T + 1, ...]; the last row takes the padding
+    flat.index_copy_(0, idx, g)
+    return flat[:-1].view(shape)
+
+
+def ssd_chunk_scan_bwd(dout, dfinal, x, dt, A, B, C, chunk_size, D, z, dt_bias, h0, cu_seqlens, dt_softplus, dt_min,
+                       dt_max, lag_window, lag_sinks):
+    """The gradients of ``triton_chunk_scan.ssd_chunk_scan_fwd``: dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dh0.
+
+    Inputs as the forward's (gates fp32, h0 fp32 contiguous or None, cu_seqlens int64 or None);
+    dout [B, T, H, P], dfinal [N, H, P, N_state]. Each gradient comes in its input's dtype (the
+    gates' in fp32), None for an absent D, z or dt_bias; dh0 [N, H, P, N_state] fp32.
+    """
+    Bsz, T, H, P = x.shape
+    G, NS = B.shape[2:]
+    lay = cs.Layout(x, cu_seqlens, chunk_size, lag_window, lag_sinks)
+    # stages 1-3 as the forward runs them, keeping each chunk's own state S_own beside the entering h_in
+    dt_out, dA_cs = cs.chunk_cumsum(dt, A, dt_bias, dt_softplus, dt_min, dt_max, lay)
+    S_own = cs.chunk_state(x, B, dt_out, dA_cs, lay, from_start=False)  # [NC, H, P, N_state]
+    h_in = S_own.clone()  # [NC, H, P, N_state]
+    final = x.new_empty(lay.N, H, P, NS, dtype=torch.float32)  # [N, H, P, N_state]; recomputed, unused
+    cs.state_pass(h_in, dA_cs, h0, lay, final)
+    y = torch.empty(x.shape, dtype=torch.float32, device=x.device)  # [B, T, H, P]: the memory readout
+    scan.chunk_scan(x, B, C, None, None, dt_out, dA_cs, h_in, lay, y)
+
+    xf = x.float()
+    dy = dout.float()
+    dz = dD = None
+    if z is not None:  # out = y' silu(z), y' = y + D x
+        zf = z.float()
+        sig = torch.sigmoid(zf)
+        y_pre = y if D is None else y + xf * (D[:, None] if D.dim() == 1 else D)
+        dz = (dy * y_pre * sig * (1 + zf * (1 - sig))).to(z.dtype)
+        dy = dy * zf * sig
+    dx = torch.zeros_like(xf)  # [B, T, H, P]
+    if D is not None:
+        dx = dy * (D[:, None] if D.dim() == 1 else D)
+        dD = (dy * xf).sum((0, 1, 3) if D.dim() == 1 else (0, 1))
+    dy = dy.contiguous()
+
+    dstates = cs.chunk_state(dy, C, dt_out, dA_cs, lay, from_start=True)  # [NC, H, P, N_state]: d h_in
+    dh0 = torch.empty_like(final)  # [N, H, P, N_state]
+    cs.state_pass(dstates, dA_cs, dfinal.float().contiguous(), lay, dh0, reverse=True)  # dstates: d S_own
+
+    L = lay.L
+    # zeros: the kernels skip blocks of padding slots, which the sums below still read
+    dxdt = x.new_zeros(lay.NC * L, H, P, dtype=torch.float32)  # [NC * L, H, P]
+    dBh = x.new_zeros(lay.NC * L, H, NS, dtype=torch.float32)  # [NC * L, H, N_state], per head
+    dCh = torch.zeros_like(dBh)  # [NC * L, H, N_state]
+    if lay.NC * H:
+        meta = dict(L=L, BM=min(BM, L), BP=BP, BN=BN, IS_VARLEN=lay.cu is not None, num_warps=NUM_WARPS)
+        sizes = (T, H, G, P, NS, lay.N, lay.NC_SEQ, lay.W, lay.S)
+        n_blocks = triton.cdiv(L, min(BM, L))
+        ssd_bwd_dx_kernel[(lay.NC, H, n_blocks * triton.cdiv(P, BP))](
+            B, C, dy, dA_cs, dstates, *lay.args(), dxdt, *sizes, *B.stride()[:3], *C.stride()[:3],
+            *dy.stride()[:3], **meta)
+        for for_b, out in ((True, dBh), (False, dCh)):
+            ssd_bwd_dbc_kernel[(lay.NC, H, n_blocks * triton.cdiv(NS, BN))](
+                x, B, C, dy, dt_out, dA_cs, h_in, dstates, *lay.args(), out, *sizes, *x.stride()[:3],
+                *B.stride()[:3], *C.stride()[:3], *dy.stride()[:3], FOR_B=for_b, **meta)
+
+    kv, q = _slot_rows(lay, Bsz, x.device)
+    dt_slot = dt_out.transpose(1, 2).reshape(-1, H)  # [NC * L, H]
+    ddt_x = (dxdt * _gather(xf, kv)).sum(-1)  # [NC * L, H]: dxdt . x
+    # d a_k = dy_k . y_k - dt_k x_k . dxdt_k, plus dS . h_out at the last slot (module docstring)
+    da = (_gather(dy, q) * _gather(y, q)).sum(-1) - dt_slot * ddt_x
+    da = da.view(lay.NC, L, H)
+    h_out = torch.exp(dA_cs[:, :, -1])[..., None, None] * h_in + S_own  # [NC, H, P, N_state]
+    da[:, -1] += (dstates * h_out).sum((-2, -1))
+    ddA = da.flip(1).cumsum(1).flip(1).reshape(-1, H)  # [NC * L, H]: d(dt A) of each slot
+    dA = (ddA * dt_slot).sum(0)
+    ddt_rows = _scatter(ddA * A + ddt_x, kv, (Bsz, T, H))
+    dx = dx + _scatter((dxdt * dt_slot[..., None]).reshape(-1, H, P), kv, (Bsz, T, H, P))
+    R = H // G
+    dB = _scatter(dBh.view(-1, G, R, NS).sum(2), kv, (Bsz, T, G, NS))  # heads of a group summed in order
+    dC = _scatter(dCh.view(-1, G, R, NS).sum(2), q, (Bsz, T, G, NS))
+
+    # the dt chain (torch's conventions: clamp passes its bounds, softplus is linear above 20)
+    pre = dt if dt_bias is None else dt + dt_bias
+    act = F.softplus(pre, threshold=20.0) if dt_softplus else pre
+    ddt = ddt_rows * ((act >= dt_min) & (act <= dt_max))
+    if dt_softplus:
+        ddt = ddt * torch.where(pre > 20.0, 1.0, torch.sigmoid(pre))
+    ddt_bias = None if dt_bias is None else ddt.sum((0, 1))
+    return dx.to(x.dtype), ddt, dA, dB.to(B.dtype), dC.to(C.dtype), dD, dz, ddt_bias, dh0
+
+
+# ----------------------------------------------------------------------------
+# ahead-of-time cases (python -m ahn_kernels.triton_aot)
+# ----------------------------------------------------------------------------
+def _maps(varlen):
+    return ({"cu_seqlens": "*i64", "chunk_seq": "*i32", "chunk_first": "*i32"} if varlen
+            else {}), ({} if varlen else {"cu_seqlens": None, "chunk_seq": None, "chunk_first": None})
+
+
+def _dx_case(dtype, L, varlen):
+    ptrs, absent = _maps(varlen)
+    ptrs.update(B=f"*{dtype}", C=f"*{dtype}", dy="*fp32", dA_cs="*fp32", dstates="*fp32", dxdt="*fp32")
+    return cs.aot_case(f"{dtype} L={L}{' varlen' if varlen else ''}", ssd_bwd_dx_kernel, ptrs,
+                       dict(absent, L=L, BM=min(BM, L), BP=BP, BN=BN, IS_VARLEN=varlen), num_warps=NUM_WARPS)
+
+
+def _dbc_case(dtype, L, for_b, varlen):
+    ptrs, absent = _maps(varlen)
+    ptrs.update(x=f"*{dtype}", B=f"*{dtype}", C=f"*{dtype}", dy="*fp32", dt_out="*fp32", dA_cs="*fp32",
+                h_in="*fp32", dstates="*fp32", dbc="*fp32")
+    return cs.aot_case(f"{dtype} L={L} {'dB' if for_b else 'dC'}{' varlen' if varlen else ''}", ssd_bwd_dbc_kernel,
+                       ptrs, dict(absent, L=L, BM=min(BM, L), BP=BP, BN=BN, FOR_B=for_b, IS_VARLEN=varlen),
+                       num_warps=NUM_WARPS)
+
+
+AOT_CASES = [
+    _dx_case("bf16", 256, True), _dx_case("fp32", 64, False),
+    _dbc_case("bf16", 256, True, True), _dbc_case("bf16", 256, False, True), _dbc_case("fp32", 64, True, False),
+]

@@ -1,0 +1,349 @@
+"""SSD chunk stages shared by the Triton forward and backward: chunk layout, dt + dA cumsum, chunk states, state pass.
+
+The scan cuts every (lag-shifted) sequence into chunks of its own (``reference._layout``):
+sequence n absorbs M_n = max(0, L_n - W - S) tokens; absorbed token m reads x, dt,
+B at row bos + S + m and is read out at row bos + S + W + m with that row's C.
+Chunk k of sequence n holds m in [k L, k L + L); slots past M_n are padding
+(dt = 0: the state passes through). Chunk c of the flat chunk axis is, dense,
+(batch c // NC_SEQ, k = c % NC_SEQ); varlen, (chunk_seq[c], c - chunk_first[n]),
+both maps built on the device (no host sync) with an upper bound on the count.
+
+Stages (one kernel each, every accumulator fp32):
+1. ``ssd_chunk_cumsum_kernel``: dt = clamp(softplus(dt + dt_bias), dt_limit) and
+   the inclusive prefix sum of dt A within each chunk, [NC, H, L] each.
+2. ``ssd_chunk_state_kernel``: per chunk and head, sum_i w_i u_iᵀ v_i [P, N_state]:
+   the forward's chunk end state (u = x, v = B, w = exp(a_last - a_i) dt_i) and the
+   backward's gradient of the entering state (u = dy, v = C, w = exp(a_i)).
+3. ``ssd_state_pass_kernel``: h <- exp(a_last) h + add over a sequence's chunks, storing
+   the value entering each chunk in place of ``add``; forwards it turns chunk
+   states into entering states, in REVERSE it turns the entering-state gradients
+   into chunk-state gradients (one kernel, so the backward's recomputation and its
+   reverse pass walk the chunks exactly as the forward does).
+
+Tiles (H100/H200, untuned: no GPU was available to measure): chunk state BT = BP = BN
+= 32, 4 warps; state pass 1024 elements, 4 warps. Register counts from ptxas
+(``python -m ahn_kernels.triton_aot``, sm_80/sm_90): chunk state 125-178, state pass
+32-48, cumsum 21-45, no spills. 64-wide tiles spilled (up to 1,500 words at sm_80).
+Every dot reads fp32 operands with ``input_precision="tf32x3"``: three TF32 tensor-core
+products, near-fp32 accuracy (plain TF32, about 1e-3 relative, misses DESIGN §4's
+fp32 tolerance; "ieee" runs on the FMA units and spilled at 64-wide tiles).
+Native bf16/fp16 dots for 16-bit inputs are the first thing to tune.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import triton
+import triton.language as tl
+
+from ..triton_aot import AOTCase
+
+BT, BP, BN = 32, 32, 32
+PASS_BLOCK = 1024
+NUM_WARPS = 4
+
+
+@triton.jit
+def chunk_of(i_c, cu_seqlens, chunk_seq, chunk_first, T, N, NC_SEQ, W, S, IS_VARLEN: tl.constexpr):
+    """(sequence, batch row, bos, absorbed-token count M, chunk index k within the sequence) of flat chunk i_c.
+
+    The sequence is N for a slot past the last chunk (varlen upper bound): the caller returns.
+    """
+    if IS_VARLEN:
+        i_n = tl.load(chunk_seq + i_c).to(tl.int64)
+        i_b = i_n * 0
+        if i_n < N:
+            bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+            eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+            k = i_c - tl.load(chunk_first + i_n).to(tl.int64)
+        else:
+            bos = i_n * 0
+            eos = i_n * 0
+            k = i_n * 0
+    else:
+        i_n = i_c // NC_SEQ
+        i_b = i_n
+        bos = i_n * 0
+        eos = bos + T
+        k = i_c % NC_SEQ
+    M = tl.maximum(eos - bos - W - S, 0)
+    return i_n, i_b, bos, M, k
+
+
+@triton.jit
+def ssd_chunk_cumsum_kernel(
+    # pointers
+    dt, A, dt_bias, cu_seqlens, chunk_seq, chunk_first, dt_out, dA_cs,
+    # sizes
+    T, H, N, NC_SEQ, W, S,
+    # strides
+    stride_dtb, stride_dtt, stride_dth,
+    # meta
+    dt_min, dt_max,
+    L: tl.constexpr,
+    DT_SOFTPLUS: tl.constexpr,
+    HAS_DT_BIAS: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+):
+    i_c = tl.program_id(0).to(tl.int64)
+    i_h = tl.program_id(1)
+    i_n, i_b, bos, M, k = chunk_of(i_c, cu_seqlens, chunk_seq, chunk_first, T, N, NC_SEQ, W, S, IS_VARLEN)
+    if i_n >= N:
+        return
+    o_i = tl.arange(0, L)
+    m_i = k * L + o_i < M
+    rows = bos + S + k * L + o_i
+    b_dt = tl.load(dt + i_b * stride_dtb + rows * stride_dtt + i_h * stride_dth, mask=m_i, other=0.0).to(tl.float32)
+    if HAS_DT_BIAS:
+        b_dt += tl.load(dt_bias + i_h)
+    if DT_SOFTPLUS:  # threshold 20, as torch and mamba
+        b_dt = tl.where(b_dt <= 20.0, tl.log(1.0 + tl.exp(tl.minimum(b_dt, 20.0))), b_dt)
+    b_dt = tl.minimum(tl.maximum(b_dt, dt_min), dt_max)
+    b_dt = tl.where(m_i, b_dt, 0.0)  # padding: no decay, no input, even when dt_min > 0
+    b_a = tl.cumsum(b_dt * tl.load(A + i_h), 0)
+    base = (i_c * H + i_h) * L
+    tl.store(dt_out + base + o_i, b_dt)
+    tl.store(dA_cs + base + o_i, b_a)
+
+
+@triton.jit
+def ssd_chunk_state_kernel(
+    # pointers
+    u, v, dt, dA_cs, cu_seqlens, chunk_seq, chunk_first, out,
+    # sizes
+    T, H, G, P, NS, N, NC_SEQ, W, S, SHIFT,
+    # strides of u [B, T, H, P] and v [B, T, G, N_state]
+    stride_ub, stride_ut, stride_uh,
+    stride_vb, stride_vt, stride_vg,
+    # meta
+    L: tl.constexpr,
+    BT: tl.constexpr,
+    BP: tl.constexpr,
+    BN: tl.constexpr,
+    FROM_START: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+):
+    i_c = tl.program_id(0).to(tl.int64)
+    i_h = tl.program_id(1)
+    i_pn = tl.program_id(2)
+    i_n, i_b, bos, M, k = chunk_of(i_c, cu_seqlens, chunk_seq, chunk_first, T, N, NC_SEQ, W, S, IS_VARLEN)
+    if i_n >= N:
+        return
+    n_ntiles = tl.cdiv(NS, BN)
+    o_p = (i_pn // n_ntiles) * BP + tl.arange(0, BP)
+    o_n = (i_pn % n_ntiles) * BN + tl.arange(0, BN)
+    m_p = o_p < P
+    m_n = o_n < NS
+    base_a = (i_c * H + i_h) * L
+    # int64 base pointers at the chunk's first row; the offsets within a chunk fit in int32
+    r0 = bos + S + SHIFT + k * L
+    p_u = u + i_b * stride_ub + i_h * stride_uh + r0 * stride_ut
+    p_v = v + i_b * stride_vb + (i_h // (H // G)) * stride_vg + r0 * stride_vt
+    b_last = tl.load(dA_cs + base_a + L - 1)
+    b_acc = tl.zeros([BP, BN], dtype=tl.float32)
+    for i0 in range(0, tl.minimum(L, M - k * L), BT):
+        o_i = i0 + tl.arange(0, BT)
+        m_i = (k * L + o_i < M) & (o_i < L)
+        b_u = tl.load(p_u + o_i[:, None] * stride_ut + o_p[None, :], mask=m_i[:, None] & m_p[None, :], other=0.0)
+        b_v = tl.load(p_v + o_i[:, None] * stride_vt + o_n[None, :], mask=m_i[:, None] & m_n[None, :], other=0.0)
+        b_a = tl.load(dA_cs + base_a + o_i, mask=m_i, other=0.0)
+        if FROM_START:
+            b_w = tl.exp(b_a)
+        else:
+            b_w = tl.exp(b_last - b_a) * tl.load(dt + base_a + o_i, mask=m_i, other=0.0)
+        b_uw = b_u.to(tl.float32) * b_w[:, None]
+        b_acc += tl.dot(tl.trans(b_uw), b_v.to(tl.float32), input_precision="tf32x3")
+    p_out = out + (i_c * H + i_h) * P * NS + o_p[:, None] * NS + o_n[None, :]
+    tl.store(p_out, b_acc, mask=m_p[:, None] & m_n[None, :])
+
+
+@triton.jit
+def ssd_state_pass_kernel(
+    # pointers
+    states, dA_cs, h0, final, cu_seqlens, chunk_first,
+    # sizes
+    T, H, PN, NC_SEQ, W, S,
+    # meta
+    L: tl.constexpr,
+    BLOCK: tl.constexpr,
+    REVERSE: tl.constexpr,
+    HAS_H0: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+):
+    i_n = tl.program_id(0).to(tl.int64)
+    i_h = tl.program_id(1)
+    i_t = tl.program_id(2)
+    if IS_VARLEN:
+        M = tl.maximum(tl.load(cu_seqlens + i_n + 1) - tl.load(cu_seqlens + i_n) - W - S, 0)
+        n_chunks = tl.cdiv(M, L)
+        first = tl.load(chunk_first + i_n).to(tl.int64)
+    else:
+        n_chunks = NC_SEQ
+        first = i_n * NC_SEQ
+    o = i_t * BLOCK + tl.arange(0, BLOCK)
+    m = o < PN
+    base_h = (i_n * H + i_h) * PN
+    if HAS_H0:
+        b_h = tl.load(h0 + base_h + o, mask=m, other=0.0)
+    else:
+        b_h = tl.zeros([BLOCK], dtype=tl.float32)
+    for kk in range(n_chunks):
+        if REVERSE:
+            i_c = first + n_chunks - 1 - kk
+        else:
+            i_c = first + kk
+        base = (i_c * H + i_h) * PN
+        b_add = tl.load(states + base + o, mask=m, other=0.0)
+        tl.store(states + base + o, b_h, mask=m)
+        b_h = tl.exp(tl.load(dA_cs + (i_c * H + i_h) * L + L - 1)) * b_h + b_add
+    tl.store(final + base_h + o, b_h, mask=m)
+
+
+# ----------------------------------------------------------------------------
+# launchers
+# ----------------------------------------------------------------------------
+def on_device(t):
+    """Triton launches on the current CUDA device: make it the tensors' (a no-op for CPU tensors)."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+class Layout:
+    """Where the chunks are: NC (flat chunk slots, an upper bound under varlen), the maps and the lag."""
+
+    def __init__(self, x, cu_seqlens, chunk_size, lag_window, lag_sinks):
+        Bsz, T = x.shape[:2]
+        self.T, self.L, self.W, self.S = T, chunk_size, lag_window, lag_sinks
+        self.cu = cu_seqlens
+        if cu_seqlens is None:
+            self.N = Bsz
+            self.NC_SEQ = triton.cdiv(max(0, T - lag_window - lag_sinks), chunk_size)
+            self.NC = Bsz * self.NC_SEQ
+            self.chunk_seq = self.chunk_first = None
+        else:
+            self.N = cu_seqlens.shape[0] - 1
+            self.NC_SEQ = 0
+            # sum_n ceil(M_n / L) <= T / L + N: a bound known without reading cu_seqlens on the host
+            self.NC = T // chunk_size + self.N
+            M = (cu_seqlens[1:] - cu_seqlens[:-1] - lag_window - lag_sinks).clamp(min=0)
+            ends = torch.cumsum((M + chunk_size - 1) // chunk_size, 0)  # [N]
+            slots = torch.arange(self.NC, device=x.device)  # [NC]
+            self.chunk_seq = torch.searchsorted(ends, slots, right=True).to(torch.int32)  # [NC]; N past the end
+            self.chunk_first = (ends - (M + chunk_size - 1) // chunk_size).to(torch.int32)  # [N]
+
+    def args(self):
+        return self.cu, self.chunk_seq, self.chunk_first
+
+    def new(self, *shape, like):
+        """An fp32 buffer over the chunk slots: zeros under varlen, whose slots past the last chunk no
+        program writes (the backward reads every slot); uninitialised otherwise."""
+        return (torch.zeros if self.cu is not None else torch.empty)(*shape, dtype=torch.float32, device=like.device)
+
+
+def chunk_cumsum(dt, A, dt_bias, dt_softplus, dt_min, dt_max, lay):
+    """dt processed and the per-chunk prefix sums of dt A: (dt_out, dA_cs), both [NC, H, L] fp32."""
+    H = dt.shape[2]
+    dt_out = lay.new(lay.NC, H, lay.L, like=dt)  # [NC, H, L]
+    dA_cs = lay.new(lay.NC, H, lay.L, like=dt)  # [NC, H, L]
+    if lay.NC * H:
+        ssd_chunk_cumsum_kernel[(lay.NC, H)](
+            dt, A, dt_bias, *lay.args(), dt_out, dA_cs,
+            lay.T, H, lay.N, lay.NC_SEQ, lay.W, lay.S, *dt.stride(), dt_min, dt_max,
+            L=lay.L, DT_SOFTPLUS=dt_softplus, HAS_DT_BIAS=dt_bias is not None, IS_VARLEN=lay.cu is not None,
+        )
+    return dt_out, dA_cs
+
+
+def chunk_state(u, v, dt_out, dA_cs, lay, from_start):
+    """sum_i w_i u_iᵀ v_i per chunk and head, [NC, H, P, N_state] fp32 (module docstring, stage 2)."""
+    H, P = u.shape[2:]
+    G, NS = v.shape[2:]
+    out = lay.new(lay.NC, H, P, NS, like=u)  # [NC, H, P, N_state]
+    if lay.NC * H:
+        grid = (lay.NC, H, triton.cdiv(P, BP) * triton.cdiv(NS, BN))
+        ssd_chunk_state_kernel[grid](
+            u, v, dt_out, dA_cs, *lay.args(), out,
+            lay.T, H, G, P, NS, lay.N, lay.NC_SEQ, lay.W, lay.S, lay.W if from_start else 0,
+            *u.stride()[:3], *v.stride()[:3],
+            L=lay.L, BT=min(BT, lay.L), BP=BP, BN=BN, FROM_START=from_start, IS_VARLEN=lay.cu is not None,
+            num_warps=NUM_WARPS,
+        )
+    return out
+
+
+def state_pass(states, dA_cs, h0, lay, final, reverse=False):
+    """Run stage 3 over ``states`` [NC, H, P, N_state] fp32 in place; the last h goes to ``final`` [N, H, P, N_state].
+
+    Forwards ``states`` becomes the state entering each chunk and h0 is the initial
+    state. In ``reverse`` ``states`` holds the entering states' gradients and becomes
+    the chunk states' gradients, h0 is the final states' gradient, and ``final`` gets
+    the initial states' gradient.
+    """
+    _, H, P, NS = states.shape
+    if lay.N * H:
+        ssd_state_pass_kernel[(lay.N, H, triton.cdiv(P * NS, PASS_BLOCK))](
+            states, dA_cs, h0, final, lay.cu, lay.chunk_first,
+            lay.T, H, P * NS, lay.NC_SEQ, lay.W, lay.S,
+            L=lay.L, BLOCK=PASS_BLOCK, REVERSE=reverse, HAS_H0=h0 is not None,
+            IS_VARLEN=lay.cu is not None, num_warps=NUM_WARPS,
+        )
+
+
+def chunk_states(x, dt, A, B, dt_bias, h0, dt_softplus, dt_min, dt_max, lay, final):
+    """Stages 1-3 forwards, writing ``final`` [N, H, P, N_state].
+
+    Returns dt_out, dA_cs [NC, H, L] and h_in [NC, H, P, N_state] (the state entering each chunk).
+    """
+    dt_out, dA_cs = chunk_cumsum(dt, A, dt_bias, dt_softplus, dt_min, dt_max, lay)
+    h_in = chunk_state(x, B, dt_out, dA_cs, lay, from_start=False)
+    state_pass(h_in, dA_cs, h0, lay, final)
+    return dt_out, dA_cs, h_in
+
+
+# ----------------------------------------------------------------------------
+# ahead-of-time cases (python -m ahn_kernels.triton_aot)
+# ----------------------------------------------------------------------------
+def aot_case(label, kernel, pointers: dict, constexprs: dict, num_warps=NUM_WARPS, floats=("dt_min", "dt_max")):
+    """A case in which ``pointers`` ({name: "*bf16"}) are present and 16-byte aligned, every other
+    runtime argument is an i32 (fp32 if in ``floats``), and absent pointers are ``None`` in ``constexprs``."""
+    types = dict(pointers)
+    for name in kernel.arg_names:
+        if name not in types and name not in constexprs:
+            types[name] = "fp32" if name in floats else "i32"
+    return AOTCase(label, kernel, types, constexprs, num_warps, divisible=tuple(pointers))
+
+
+def _maps(varlen):
+    return ({"cu_seqlens": "*i64", "chunk_seq": "*i32", "chunk_first": "*i32"} if varlen
+            else {}), ({} if varlen else {"cu_seqlens": None, "chunk_seq": None, "chunk_first": None})
+
+
+def _cumsum_case(L, varlen):
+    ptrs, absent = _maps(varlen)
+    ptrs.update({n: "*fp32" for n in ("dt", "A", "dt_bias", "dt_out", "dA_cs")})
+    return aot_case(f"L={L}{' varlen' if varlen else ''}", ssd_chunk_cumsum_kernel, ptrs,
+                    dict(absent, L=L, DT_SOFTPLUS=True, HAS_DT_BIAS=True, IS_VARLEN=varlen), num_warps=1)
+
+
+def _state_case(dtype, L, from_start, varlen):
+    ptrs, absent = _maps(varlen)
+    ptrs.update(u="*fp32" if from_start else f"*{dtype}", v=f"*{dtype}", dt="*fp32", dA_cs="*fp32", out="*fp32")
+    label = f"{dtype} L={L}{' from-start (bwd)' if from_start else ''}{' varlen' if varlen else ''}"
+    return aot_case(label, ssd_chunk_state_kernel, ptrs,
+                    dict(absent, L=L, BT=min(BT, L), BP=BP, BN=BN, FROM_START=from_start, IS_VARLEN=varlen))
+
+
+def _pass_case(reverse, varlen):
+    ptrs = {n: "*fp32" for n in ("states", "dA_cs", "h0", "final")}
+    ptrs.update({"cu_seqlens": "*i64", "chunk_first": "*i32"} if varlen else {})
+    absent = {} if varlen else {"cu_seqlens": None, "chunk_first": None}
+    return aot_case(f"{'reverse' if reverse else 'forward'}{' varlen' if varlen else ''}", ssd_state_pass_kernel,
+                    ptrs, dict(absent, L=64, BLOCK=PASS_BLOCK, REVERSE=reverse, HAS_H0=True, IS_VARLEN=varlen))
+
+
+AOT_CASES = [
+    _cumsum_case(256, True), _cumsum_case(64, False),
+    _state_case("bf16", 256, False, True), _state_case("fp32", 64, False, False), _state_case("bf16", 64, True, True),
+    _pass_case(False, True), _pass_case(True, False),
+]
