@@ -46,7 +46,7 @@ KERNELS: dict[str, dict[str, tuple[str, ...]]] = {
     "ssd_chunk_scan": {"cpu": ("cpu",), "cuda": ()},
     "ssd_chunk_scan_bwd": {"cpu": (), "cuda": ()},
     "ssd_state_update": {"cpu": ("cpu",), "cuda": ()},
-    "swa_attention": {"cpu": ("cpu",), "cuda": ()},
+    "swa_attention": {"cpu": ("cpu",), "cuda": ("triton",)},
     "swa_attention_bwd": {"cpu": (), "cuda": ()},
     "swa_decode": {"cpu": (), "cuda": ()},
     "ahn_evict_update": {"cpu": (), "cuda": ()},
