@@ -48,8 +48,8 @@ KERNELS: dict[str, dict[str, tuple[str, ...]]] = {
     "ssd_state_update": {"cpu": ("cpu",), "cuda": ()},
     "swa_attention": {"cpu": ("cpu",), "cuda": ("triton",)},
     "swa_attention_bwd": {"cpu": (), "cuda": ()},
-    "swa_decode": {"cpu": (), "cuda": ()},
-    "ahn_evict_update": {"cpu": (), "cuda": ()},
+    "swa_decode": {"cpu": (), "cuda": ("triton",)},
+    "ahn_evict_update": {"cpu": (), "cuda": ("triton",)},
 }
 
 _local = threading.local()

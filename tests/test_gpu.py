@@ -70,3 +70,56 @@ def test_every_op_runs_on_cuda_tensors(op):
     got = ours(cuda_inputs)
     for name, want in cpu.items():
         testing.assert_close(name, got[name].cpu(), want, testing.tolerance(torch.float32, "out"))
+
+
+@pytest.mark.parametrize("rule", ["gated_delta", "ssd"])
+def test_triton_decode_step_cuda_graph(rule):
+    """One AHN decode step (ahn_evict_update + swa_decode, Triton) captured in a CUDA graph, then replayed
+    with new inputs copied into the same buffers: each replay equals the reference run eagerly on a copy."""
+    W, S, B, HQ, HK, D = 8, 2, 3, 4, 2, 64
+    HS, dev, dtype = HQ, "cuda", torch.bfloat16
+    cache = ak.AHNCache.empty(B, W, S, HK, D, HS, rule, dtype, dev)
+    for t in (cache.k, cache.v, cache.state):
+        t.normal_()
+    cache.gates.copy_(testing.ahn_gates(rule, B, W, HS, device=dev))
+    cache.positions.copy_(torch.tensor([0, S + W, S + 3 * W + 1], dtype=torch.int32))
+    A = testing.ahn_A(HS, dev) if rule == "ssd" else None
+    q, k, v = (torch.randn(B, 1, h, D, device=dev, dtype=dtype) for h in (HQ, HK, HK))
+    gates_new = testing.ahn_gates(rule, B, HS, device=dev)
+    buffers = (cache.k, cache.v, cache.gates, cache.state, cache.positions)
+
+    def step(c):
+        mem = ak.ahn_evict_update(c.state, q, c.k, c.v, c.gates, gates_new, c.positions, W, S, rule, A=A)
+        attn = ak.swa_decode(q, c.k, c.v, k, v, c.positions, W, S)
+        c.positions.add_(1)
+        return attn, mem
+
+    def snapshot():
+        return ak.AHNCache(*(t.clone() for t in buffers), W, S, rule)
+
+    with ak.use_backend("triton"):
+        saved = snapshot()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # compile the kernels outside the capture
+            step(cache)
+        torch.cuda.current_stream().wait_stream(side)
+        for t, s in zip(buffers, (saved.k, saved.v, saved.gates, saved.state, saved.positions)):
+            t.copy_(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            attn, mem = step(cache)
+    for _ in range(2 * W):
+        for t in (q, k, v):
+            t.normal_()
+        gates_new.copy_(testing.ahn_gates(rule, B, HS, device=dev))
+        expected = snapshot()
+        with ak.use_backend("reference"):
+            want_attn, want_mem = step(expected)
+        graph.replay()
+        torch.cuda.synchronize()
+        testing.assert_close("attn", attn, want_attn, testing.tolerance(dtype, "out"))
+        testing.assert_close("mem", mem, want_mem, testing.tolerance(dtype, "out"))
+        testing.assert_close("state", cache.state, expected.state, testing.tolerance(torch.float32, "out"))
+        assert torch.equal(cache.k, expected.k) and torch.equal(cache.v, expected.v)
+        assert torch.equal(cache.gates, expected.gates) and torch.equal(cache.positions, expected.positions)

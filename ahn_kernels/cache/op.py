@@ -23,7 +23,14 @@ torch.library.define(
 # ----------------------------------------------------------------------------
 def _evict_update(state, q, k_cache, v_cache, gates, gates_new, cache_seqlens, window_size, num_sinks, rule,
                   scale, A):
-    _backend.choose("ahn_evict_update", q.device.type)
+    backend = _backend.choose("ahn_evict_update", q.device.type)
+    if backend == "triton" and state.dtype == torch.float32 and q.dtype != torch.float64:
+        from .triton_evict import ahn_evict_update as run_triton
+        B, HS, _, V = state.shape
+        o = q.new_empty(B, 1, HS, V)  # [B, 1, HS, V]
+        run_triton(state, q, k_cache, v_cache, gates, gates_new, cache_seqlens, window_size, num_sinks, rule, scale,
+                   A, o)
+        return o
     return reference.evict_update(state, q, k_cache, v_cache, gates, gates_new, cache_seqlens, window_size,
                                   num_sinks, rule, scale, A)
 

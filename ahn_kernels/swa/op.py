@@ -82,7 +82,12 @@ def _bwd(do, dlse, q, k, v, o, lse, window_size, num_sinks, softmax_scale, cu_se
 
 
 def _decode(q, k_cache, v_cache, k_new, v_new, cache_seqlens, window_size, num_sinks, softmax_scale):
-    _backend.choose("swa_decode", q.device.type)
+    backend = _backend.choose("swa_decode", q.device.type)
+    if backend == "triton" and q.dtype in _DTYPE_CODE:
+        from .triton_decode import swa_decode as run_triton_decode
+        o = q.new_empty(q.shape)  # [B, 1, HQ, D]
+        run_triton_decode(q, k_cache, v_cache, k_new, v_new, cache_seqlens, window_size, num_sinks, softmax_scale, o)
+        return o
     return reference.decode(q, k_cache, v_cache, k_new, v_new, cache_seqlens, window_size, num_sinks,
                             softmax_scale)
 
