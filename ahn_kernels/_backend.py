@@ -47,7 +47,7 @@ KERNELS: dict[str, dict[str, tuple[str, ...]]] = {
     "ssd_chunk_scan_bwd": {"cpu": (), "cuda": ()},
     "ssd_state_update": {"cpu": ("cpu",), "cuda": ()},
     "swa_attention": {"cpu": ("cpu",), "cuda": ("triton",)},
-    "swa_attention_bwd": {"cpu": (), "cuda": ()},
+    "swa_attention_bwd": {"cpu": (), "cuda": ("triton",)},
     "swa_decode": {"cpu": (), "cuda": ("triton",)},
     "ahn_evict_update": {"cpu": (), "cuda": ("triton",)},
 }

@@ -77,7 +77,10 @@ def run_triton(q, k, v, window_size, num_sinks, softmax_scale, cu_seqlens, o, ls
 
 
 def _bwd(do, dlse, q, k, v, o, lse, window_size, num_sinks, softmax_scale, cu_seqlens):
-    _backend.choose("swa_attention_bwd", q.device.type)  # no backward kernel yet: the explicit reference runs
+    backend = _backend.choose("swa_attention_bwd", q.device.type)
+    if backend == "triton" and q.dtype in _DTYPE_CODE:
+        from .triton_bwd import swa_bwd
+        return swa_bwd(do, dlse, q, k, v, o, lse, window_size, num_sinks, softmax_scale, cu_seqlens)
     return reference.blockwise_bwd(do, dlse, q, k, v, o, lse, window_size, num_sinks, softmax_scale, cu_seqlens)
 
 

@@ -88,7 +88,7 @@ def query_blocks(cu_seqlens, B: int, T: int, BT: int):
 
 
 @triton.jit
-def _locate(i_blk, cu_seqlens, blocks, T, BT: tl.constexpr, IS_VARLEN: tl.constexpr):
+def locate(i_blk, cu_seqlens, blocks, T, BT: tl.constexpr, IS_VARLEN: tl.constexpr):
     """(batch row, first token of the sequence, its length, block index); i_t = -1 for a surplus program."""
     if IS_VARLEN:
         i_n = tl.load(blocks + 2 * i_blk)
@@ -107,6 +107,15 @@ def _locate(i_blk, cu_seqlens, blocks, T, BT: tl.constexpr, IS_VARLEN: tl.conste
 
 
 @triton.jit
+def query_rows(i0, i_hk, G, T_seq, BT: tl.constexpr, GP: tl.constexpr):
+    """(token position, query head, valid) of each of the BT·GP rows of a packed tile starting at token i0."""
+    o_r = tl.arange(0, BT * GP)
+    r_t = i0 + o_r // GP
+    r_h = i_hk * G + o_r % GP
+    return r_t, r_h, (r_t < T_seq) & (o_r % GP < G)
+
+
+@triton.jit
 def dot(a, b):
     """a @ b with fp32 accumulation; fp32 operands in full precision (no TF32)."""
     if INTERPRETED:
@@ -115,10 +124,9 @@ def dot(a, b):
 
 
 @triton.jit
-def visible(r_t, o_j, j_end, W, S):
-    """[rows, keys] mask: key j exists (< j_end) and j <= i and (i - j < W or j < S) (DESIGN §2)."""
-    i = r_t[:, None]
-    j = o_j[None, :]
+def visible(i, j, j_end, W, S):
+    """Mask of query positions i and key positions j (broadcast): key j exists (< j_end) and
+    j <= i and (i - j < W or j < S) (DESIGN §2)."""
     return (j < j_end) & (j <= i) & ((i - j < W) | (j < S))
 
 
@@ -131,7 +139,7 @@ def _attend(acc, m_i, l_i, b_q, p_k, p_v, r_t, o_d, m_d, j0, j_end, W, S, stride
     # Keys past j_end load as 0: a NaN there would survive the masked p = 0 through the dot.
     b_kt = tl.load(p_k + o_j[None, :] * stride_kt + o_d[:, None], mask=m_d[:, None] & m_j[None, :], other=0.0)
     b_s = dot(b_q, b_kt) * qk_scale  # [BM, BN], log2 units
-    b_s = tl.where(visible(r_t, o_j, j_end, W, S), b_s, float("-inf"))
+    b_s = tl.where(visible(r_t[:, None], o_j[None, :], j_end, W, S), b_s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(b_s, 1))
     # A row with nothing visible yet keeps m = -inf; shift by 0 there so exp2 sees -inf - 0, not nan.
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -162,17 +170,14 @@ def swa_fwd_kernel(
     IS_VARLEN: tl.constexpr,
 ):
     i_hk = tl.program_id(0) % HK
-    i_b, bos, T_seq, i_t = _locate(tl.program_id(0) // HK, cu_seqlens, blocks, T, BT, IS_VARLEN)
+    i_b, bos, T_seq, i_t = locate(tl.program_id(0) // HK, cu_seqlens, blocks, T, BT, IS_VARLEN)
     if i_t < 0:
         return
     G = HQ // HK
     i0 = i_t * BT
     i1 = tl.minimum(i0 + BT, T_seq)
 
-    o_r = tl.arange(0, BT * GP)
-    r_t = i0 + o_r // GP  # local position of each row's token
-    r_h = i_hk * G + o_r % GP  # its query head
-    m_r = (r_t < T_seq) & (o_r % GP < G)
+    r_t, r_h, m_r = query_rows(i0, i_hk, G, T_seq, BT, GP)
     o_d = tl.arange(0, BD)
     m_d = o_d < D
     m_q = m_r[:, None] & m_d[None, :]
