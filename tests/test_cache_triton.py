@@ -12,7 +12,14 @@ from ahn_kernels.cache import reference as cache_reference
 from ahn_kernels.cache.triton_evict import ahn_evict_update as triton_evict
 from ahn_kernels.swa import reference as swa_reference
 from ahn_kernels.swa.triton_decode import swa_decode as triton_decode
-from ahn_kernels.testing import AHN_RULES, ahn_A, ahn_gates, assert_close, red_zone, tolerance
+from ahn_kernels.testing import (
+    AHN_RULES,
+    ahn_A,
+    ahn_gates,
+    assert_close,
+    red_zone,
+    tolerance,
+)
 
 pytestmark = pytest.mark.skipif("triton" not in _backend.available("swa_decode", "cpu"),
                                 reason="triton is not installed or TRITON_INTERPRET is not 1")

@@ -72,6 +72,29 @@ def test_every_op_runs_on_cuda_tensors(op):
         testing.assert_close(name, got[name].cpu(), want, testing.tolerance(torch.float32, "out"))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("T, W, S, HQ, HK, D", [(1000, 100, 64, 8, 1, 128), (65, 16, 1, 4, 2, 7),
+                                                (300, None, 0, 2, 2, 256), (200, 1, 3, 6, 2, 64)])
+def test_triton_swa_attention_gpu(dtype, T, W, S, HQ, HK, D):
+    """Triton forward and backward on the GPU (fp32 runs its products as tf32x3) against the fp64 spec."""
+    from ahn_kernels.swa import reference as swa_ref
+
+    lengths = (0, 5, T)
+    cu = testing.seqlens_to_cu(lengths, "cuda")
+    q, k, v = testing.swa_inputs(1, sum(lengths), HQ, HK, D, dtype, "cuda", requires_grad=True)
+    do = torch.randn_like(q)
+    dlse = torch.randn(1, HQ, sum(lengths), device="cuda")
+    with ak.use_backend("triton"):
+        o, lse = ak.swa_attention(q, k, v, W, S, cu_seqlens=cu, return_lse=True)
+        got = (o, lse, *torch.autograd.grad((o * do).sum() + (lse * dlse).sum(), (q, k, v)))
+    leaves = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    o_ref, lse_ref = swa_ref.masked(*leaves, W, S, cu_seqlens=cu)
+    ref = (o_ref, lse_ref, *torch.autograd.grad((o_ref * do.double()).sum() + (lse_ref * dlse.double()).sum(),
+                                                leaves))
+    for i, (name, a, b) in enumerate(zip(("o", "lse", "dq", "dk", "dv"), got, ref)):
+        testing.assert_close(name, a, b, testing.tolerance(dtype, "out" if i < 2 else "grad"))
+
+
 @pytest.mark.parametrize("rule", ["gated_delta", "ssd"])
 def test_triton_decode_step_cuda_graph(rule):
     """One AHN decode step (ahn_evict_update + swa_decode, Triton) captured in a CUDA graph, then replayed

