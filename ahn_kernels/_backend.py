@@ -46,10 +46,10 @@ KERNELS: dict[str, dict[str, tuple[str, ...]]] = {
     "ssd_chunk_scan": {"cpu": ("cpu",), "cuda": ("triton",)},
     "ssd_chunk_scan_bwd": {"cpu": ("cpu",), "cuda": ("triton",)},
     "ssd_state_update": {"cpu": ("cpu",), "cuda": ("triton",)},
-    "swa_attention": {"cpu": ("cpu",), "cuda": ()},
-    "swa_attention_bwd": {"cpu": ("cpu",), "cuda": ()},
-    "swa_decode": {"cpu": ("cpu",), "cuda": ()},
-    "ahn_evict_update": {"cpu": ("cpu",), "cuda": ()},
+    "swa_attention": {"cpu": ("cpu",), "cuda": ("triton",)},
+    "swa_attention_bwd": {"cpu": ("cpu",), "cuda": ("triton",)},
+    "swa_decode": {"cpu": ("cpu",), "cuda": ("triton",)},
+    "ahn_evict_update": {"cpu": ("cpu",), "cuda": ("triton",)},
 }
 
 _local = threading.local()

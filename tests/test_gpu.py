@@ -70,3 +70,79 @@ def test_every_op_runs_on_cuda_tensors(op):
     got = ours(cuda_inputs)
     for name, want in cpu.items():
         testing.assert_close(name, got[name].cpu(), want, testing.tolerance(torch.float32, "out"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("T, W, S, HQ, HK, D", [(1000, 100, 64, 8, 1, 128), (65, 16, 1, 4, 2, 7),
+                                                (300, None, 0, 2, 2, 256), (200, 1, 3, 6, 2, 64)])
+def test_triton_swa_attention_gpu(dtype, T, W, S, HQ, HK, D):
+    """Triton forward and backward on the GPU (fp32 runs its products as tf32x3) against the fp64 spec."""
+    from ahn_kernels.swa import reference as swa_ref
+
+    lengths = (0, 5, T)
+    cu = testing.seqlens_to_cu(lengths, "cuda")
+    q, k, v = testing.swa_inputs(1, sum(lengths), HQ, HK, D, dtype, "cuda", requires_grad=True)
+    do = torch.randn_like(q)
+    dlse = torch.randn(1, HQ, sum(lengths), device="cuda")
+    with ak.use_backend("triton"):
+        o, lse = ak.swa_attention(q, k, v, W, S, cu_seqlens=cu, return_lse=True)
+        got = (o, lse, *torch.autograd.grad((o * do).sum() + (lse * dlse).sum(), (q, k, v)))
+    leaves = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    o_ref, lse_ref = swa_ref.masked(*leaves, W, S, cu_seqlens=cu)
+    ref = (o_ref, lse_ref, *torch.autograd.grad((o_ref * do.double()).sum() + (lse_ref * dlse.double()).sum(),
+                                                leaves))
+    for i, (name, a, b) in enumerate(zip(("o", "lse", "dq", "dk", "dv"), got, ref)):
+        testing.assert_close(name, a, b, testing.tolerance(dtype, "out" if i < 2 else "grad"))
+
+
+@pytest.mark.parametrize("rule", ["gated_delta", "ssd"])
+def test_triton_decode_step_cuda_graph(rule):
+    """One AHN decode step (ahn_evict_update + swa_decode, Triton) captured in a CUDA graph, then replayed
+    with new inputs copied into the same buffers: each replay equals the reference run eagerly on a copy."""
+    W, S, B, HQ, HK, D = 8, 2, 3, 4, 2, 64
+    HS, dev, dtype = HQ, "cuda", torch.bfloat16
+    cache = ak.AHNCache.empty(B, W, S, HK, D, HS, rule, dtype, dev)
+    for t in (cache.k, cache.v, cache.state):
+        t.normal_()
+    cache.gates.copy_(testing.ahn_gates(rule, B, W, HS, device=dev))
+    cache.positions.copy_(torch.tensor([0, S + W, S + 3 * W + 1], dtype=torch.int32))
+    A = testing.ahn_A(HS, dev) if rule == "ssd" else None
+    q, k, v = (torch.randn(B, 1, h, D, device=dev, dtype=dtype) for h in (HQ, HK, HK))
+    gates_new = testing.ahn_gates(rule, B, HS, device=dev)
+    buffers = (cache.k, cache.v, cache.gates, cache.state, cache.positions)
+
+    def step(c):
+        mem = ak.ahn_evict_update(c.state, q, c.k, c.v, c.gates, gates_new, c.positions, W, S, rule, A=A)
+        attn = ak.swa_decode(q, c.k, c.v, k, v, c.positions, W, S)
+        c.positions.add_(1)
+        return attn, mem
+
+    def snapshot():
+        return ak.AHNCache(*(t.clone() for t in buffers), W, S, rule)
+
+    with ak.use_backend("triton"):
+        saved = snapshot()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # compile the kernels outside the capture
+            step(cache)
+        torch.cuda.current_stream().wait_stream(side)
+        for t, s in zip(buffers, (saved.k, saved.v, saved.gates, saved.state, saved.positions)):
+            t.copy_(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            attn, mem = step(cache)
+    for _ in range(2 * W):
+        for t in (q, k, v):
+            t.normal_()
+        gates_new.copy_(testing.ahn_gates(rule, B, HS, device=dev))
+        expected = snapshot()
+        with ak.use_backend("reference"):
+            want_attn, want_mem = step(expected)
+        graph.replay()
+        torch.cuda.synchronize()
+        testing.assert_close("attn", attn, want_attn, testing.tolerance(dtype, "out"))
+        testing.assert_close("mem", mem, want_mem, testing.tolerance(dtype, "out"))
+        testing.assert_close("state", cache.state, expected.state, testing.tolerance(torch.float32, "out"))
+        assert torch.equal(cache.k, expected.k) and torch.equal(cache.v, expected.v)
+        assert torch.equal(cache.gates, expected.gates) and torch.equal(cache.positions, expected.positions)

@@ -28,12 +28,17 @@ _RULE_CODE = {"delta": 0, "gated_delta": 1, "ssd": 2}  # csrc/cache/cache.h Memo
 def _evict_update(state, q, k_cache, v_cache, gates, gates_new, cache_seqlens, window_size, num_sinks, rule,
                   scale, A):
     # fp64 reaches the op only from tests (the public function rejects it): the reference serves it.
-    if _backend.choose("ahn_evict_update", q.device.type) == "cpu" and q.dtype in _DTYPE_CODE \
-            and state.dtype == torch.float32:
+    backend = _backend.choose("ahn_evict_update", q.device.type)
+    if backend in ("cpu", "triton") and q.dtype in _DTYPE_CODE and state.dtype == torch.float32:
         B, HS, _, V = state.shape
         o = q.new_empty(B, 1, HS, V)  # [B, 1, HS, V]
-        run_cpu(state, q, k_cache, v_cache, gates, gates_new, cache_seqlens, window_size, num_sinks, rule, scale,
-                A, o)
+        if backend == "cpu":
+            run_cpu(state, q, k_cache, v_cache, gates, gates_new, cache_seqlens, window_size, num_sinks, rule,
+                    scale, A, o)
+        else:
+            from .triton_evict import ahn_evict_update as run_triton
+            run_triton(state, q, k_cache, v_cache, gates, gates_new, cache_seqlens, window_size, num_sinks, rule,
+                       scale, A, o)
         return o
     return reference.evict_update(state, q, k_cache, v_cache, gates, gates_new, cache_seqlens, window_size,
                                   num_sinks, rule, scale, A)

@@ -35,12 +35,14 @@ _DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # csrc/co
 
 
 def _fwd(q, k, v, window_size, num_sinks, softmax_scale, cu_seqlens):
+    backend = _backend.choose("swa_attention", q.device.type)
     # fp64 reaches the op only from tests (the public function rejects it): the reference serves it.
-    if _backend.choose("swa_attention", q.device.type) == "cpu" and q.dtype in _DTYPE_CODE:
+    if backend in ("cpu", "triton") and q.dtype in _DTYPE_CODE:
         B, T, HQ, D = q.shape
         o = q.new_empty(B, T, HQ, D)  # [B, T, HQ, D]
         lse = q.new_empty(B, HQ, T, dtype=torch.float32)  # [B, HQ, T]
-        run_cpu(q, k, v, window_size, num_sinks, softmax_scale, cu_seqlens, o, lse)
+        run = run_cpu if backend == "cpu" else run_triton
+        run(q, k, v, window_size, num_sinks, softmax_scale, cu_seqlens, o, lse)
         return o, lse
     return reference.blockwise(q, k, v, window_size, num_sinks, softmax_scale, cu_seqlens)
 
@@ -74,8 +76,18 @@ def run_cpu(q, k, v, window_size, num_sinks, softmax_scale, cu_seqlens, o, lse):
     _backend._C.launch_swa_fwd_cpu(p, torch.get_num_threads())
 
 
+def run_triton(q, k, v, window_size, num_sinks, softmax_scale, cu_seqlens, o, lse):
+    """Run the Triton forward, writing ``o`` and ``lse`` in place (shapes as ``run_cpu``)."""
+    from .triton_fwd import swa_fwd
+    swa_fwd(q, k, v, window_size, num_sinks, softmax_scale, cu_seqlens, o, lse)
+
+
 def _bwd(do, dlse, q, k, v, o, lse, window_size, num_sinks, softmax_scale, cu_seqlens):
-    if _backend.choose("swa_attention_bwd", q.device.type) == "cpu" and q.dtype in _DTYPE_CODE:
+    backend = _backend.choose("swa_attention_bwd", q.device.type)
+    if backend == "triton" and q.dtype in _DTYPE_CODE:
+        from .triton_bwd import swa_bwd
+        return swa_bwd(do, dlse, q, k, v, o, lse, window_size, num_sinks, softmax_scale, cu_seqlens)
+    if backend == "cpu" and q.dtype in _DTYPE_CODE:
         dq = torch.empty_like(q, memory_format=torch.contiguous_format)  # [B, T, HQ, D]
         dk = torch.empty_like(k, memory_format=torch.contiguous_format)  # [B, T, HK, D]
         dv = torch.empty_like(v, memory_format=torch.contiguous_format)  # [B, T, HK, D]
@@ -104,9 +116,16 @@ def run_cpu_bwd(do, dlse, q, k, v, o, lse, window_size, num_sinks, softmax_scale
 
 
 def _decode(q, k_cache, v_cache, k_new, v_new, cache_seqlens, window_size, num_sinks, softmax_scale):
-    if _backend.choose("swa_decode", q.device.type) == "cpu" and q.dtype in _DTYPE_CODE:
+    backend = _backend.choose("swa_decode", q.device.type)
+    if backend in ("cpu", "triton") and q.dtype in _DTYPE_CODE:
         o = q.new_empty(q.shape)  # [B, 1, HQ, D]
-        run_decode_cpu(q, k_cache, v_cache, k_new, v_new, cache_seqlens, window_size, num_sinks, softmax_scale, o)
+        if backend == "cpu":
+            run_decode_cpu(q, k_cache, v_cache, k_new, v_new, cache_seqlens, window_size, num_sinks, softmax_scale,
+                           o)
+        else:
+            from .triton_decode import swa_decode as run_triton_decode
+            run_triton_decode(q, k_cache, v_cache, k_new, v_new, cache_seqlens, window_size, num_sinks,
+                              softmax_scale, o)
         return o
     return reference.decode(q, k_cache, v_cache, k_new, v_new, cache_seqlens, window_size, num_sinks,
                             softmax_scale)
