@@ -21,6 +21,7 @@
 
 #include "common/cpu_gemm.h"
 #include "common/dispatch.h"
+#include "swa/cpu_common.h"  // vexp: the forward's exp of a score tile
 #include "swa/swa.h"
 
 namespace ahn {
@@ -62,29 +63,6 @@ struct Scratch {
   }
 };
 
-// exp(x) for x <= 0, 0 below -87 (Cephes' expf polynomial, about 1 ulp; the same
-// approximation as the forward kernel's). A scalar expf per score (G per key) cost
-// more than loading and multiplying the key.
-template <class I>
-AHN_INLINE typename I::vec vexp(typename I::vec x) {
-  using V = typename I::vec;
-  using IV = typename I::ivec;
-  const V lo = V{} - 87.f;
-  const IV under = x < lo;
-  x = under ? lo : x;
-  const V magic = V{} + 12582912.f;  // 1.5 · 2^23: adding it rounds to an integer
-  const V n = (x * 1.44269504088896341f + magic) - magic;
-  const V r = x - n * 0.693359375f + n * 2.12194440e-4f;  // x - n ln 2 in two parts (Cody-Waite)
-  V y = r * 1.9875691500e-4f + 1.3981999507e-3f;
-  y = y * r + 8.3334519073e-3f;
-  y = y * r + 4.1665795894e-2f;
-  y = y * r + 1.6666665459e-1f;
-  y = y * r + 5.0000001201e-1f;
-  y = y * r * r + r + 1.f;
-  const IV e = __builtin_convertvector(n, IV) << 23;  // 2^n into the exponent field
-  return (V)(((IV)y + e) & ~under);
-}
-
 // One block of nk keys (kb, row stride ldk) and values (vb, row stride ldv).
 template <class I>
 AHN_INLINE void block_step(Scratch& s, int64_t D, int64_t nk, const float* kb, int64_t ldk, const float* vb,
@@ -103,11 +81,11 @@ AHN_INLINE void block_step(Scratch& s, int64_t D, int64_t nk, const float* kb, i
     const V m_new = m_old > vmax ? m_old : vmax;
     V vsum = {};
     for (int64_t c = 0; c < nk; ++c) {
-      const V e = vexp<I>(load<V>(s.St + c * GP + g0) - m_new);
+      const V e = swa_cpu::vexp<I>(load<V>(s.St + c * GP + g0) - m_new);
       store<V>(s.St + c * GP + g0, e);
       vsum += e;
     }
-    const V alpha = vexp<I>(m_old - m_new);  // 0 on the first block (m_old = -inf)
+    const V alpha = swa_cpu::vexp<I>(m_old - m_new);  // 0 on the first block (m_old = -inf)
     store<V>(s.l + g0, load<V>(s.l + g0) * alpha + vsum);
     store<V>(s.m + g0, m_new);
     for (int64_t j = 0; j < L && g0 + j < s.G; ++j)
