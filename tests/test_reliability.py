@@ -131,20 +131,6 @@ def _backends(op):
 CASES = [(op, b) for op in SPECS for b in _backends(op)
          if not (b == "triton" and op in ("chunk_delta_rule", "fused_recurrent_delta_rule"))]
 
-# Known bugs, open in issue 5 (the SSD Triton backward): they must fail until fixed (strict xfail).
-SSD_TRITON_BWD_BUGS = {
-    ("ssd_chunk_scan", "triton", "sliced"): "its per-token backward parts are torch ops whose rounding follows "
-                                            "the input strides: dx differs by ~5e-7 from the contiguous run",
-    ("ssd_chunk_scan", "triton", "dt at softplus threshold"): "dA blows up (relative RMSE ~1e9) when dt·A "
-                                                              "underflows the decay to 0",
-}
-
-
-def _known(case):
-    reason = SSD_TRITON_BWD_BUGS.get(case[:3])
-    return pytest.param(case, marks=pytest.mark.xfail(strict=True, reason=reason)) if reason else case
-
-
 def _ids(case):
     return f"{case[0]}-{case[1]}"
 
@@ -207,7 +193,7 @@ LAYOUT_CASES = [(op, b, how) for op, b in CASES if b != "reference"
                 for how in (("sliced",) if b == "triton" else ("transposed", "sliced", "expanded"))]
 
 
-@pytest.mark.parametrize("case", [_known(c) for c in LAYOUT_CASES], ids=lambda c: f"{c[0]}-{c[1]}-{c[2]}")
+@pytest.mark.parametrize("case", LAYOUT_CASES, ids=lambda c: f"{c[0]}-{c[1]}-{c[2]}")
 def test_layouts_bitwise(case):
     op, backend, how = case
     spec = SPECS[op]
@@ -290,7 +276,7 @@ def _kind(name):
     return "gate" if name in ("g", "beta", "dt", "A", "D", "dt_bias") else "grad"
 
 
-@pytest.mark.parametrize("case", [_known(c) for c in EXTREME_CASES],
+@pytest.mark.parametrize("case", EXTREME_CASES,
                          ids=lambda c: f"{c[0]}-{c[1]}-{c[2]}-{str(c[3])[6:]}")
 def test_gate_extremes(case):
     op, backend, kind, dtype = case

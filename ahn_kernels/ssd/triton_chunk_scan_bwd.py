@@ -8,22 +8,35 @@ readout, dS the chunk state's gradient, h_in the entering state):
     dB_j   = sum_{i >= j} E_ij (dy_i . xdt_j) C_i + te_j dSᵀ xdt_j        ssd_bwd_dbc_kernel, FOR_B
     dC_i   = sum_{j <= i} E_ij (dy_i . xdt_j) B_j + exp(a_i) h_inᵀ dy_i   ssd_bwd_dbc_kernel, not FOR_B
 
-and, since every term of the readout y_k carries exp(a_k) and every term that token
-k feeds carries exp(-a_k), d a_k = dy_k . y_k - dt_k x_k . dxdt_k (+ dS . h_out at
-the chunk's last slot), which the driver sums into d(dt A) from the end of the chunk.
+The gradient of the log decay dt_k A of slot k sums each term that crosses slot k,
+every one an exp of a difference of prefix sums (``ssd_bwd_dda_kernel``):
+
+    dda_k = sum_{i >= k > j} (dy_i . xdt_j) (C_i . B_j) E_ij       the rectangle of the chunk's pairs
+          + sum_{i >= k} exp(a_i) dy_i . (C_i h_inᵀ)                readouts of the entering state
+          + sum_{j < k} te_j xdt_j . (dS B_j)                        keys into the chunk state
+          + exp(a_last) dS . h_in                                   the entering state passed on
+
+Not the shorter dy_k . y_k - xdt_k . dxdt_k summed from the chunk's end (every readout
+carries exp(a_i), every key exp(-a_j)): there the pairs on one side of k cancel, and
+their fp32 rounding, O(1) from the diagonal i = j alone, swamps a gradient that strong
+decays make tiny (dt A = -200 per token gave dA relative errors of 1e9).
 
 Order: stages 1-3 forwards (``triton_chunk_state``, the forward's own kernels), the
-pre-gate readout (``triton_chunk_scan``'s kernel without D and z), dh_in (the chunk
-state kernel FROM_START on dy and C), the state pass in REVERSE (dS and d initial
-state), then the two kernels above. dB and dC are per head; heads sharing a group
-are summed in a fixed order, no atomics, so the backward is deterministic. The
-per-token elementwise parts (z, D, the dt chain, the gathers between rows and chunk
-slots) are PyTorch ops on [B, T, H] and [B, T, H, P] tensors, without host syncs.
+pre-gate output where z needs it (``triton_chunk_scan``'s kernel without silu(z)),
+dh_in (the chunk state kernel FROM_START on dy and C), the state pass in REVERSE (dS
+and d initial state), then the three kernels above. dB and dC are per head; heads
+sharing a group, and the rectangle's row blocks, are summed in a fixed order, no
+atomics, so the backward is deterministic. The per-token elementwise parts (z, D, the
+dt chain, the gathers between rows and chunk slots) are PyTorch ops on contiguous
+copies of the inputs: torch rounds sigmoid and softplus differently on strided and
+contiguous tensors (scalar and vector paths), and gradients must not depend on the
+caller's layout (DESIGN §4).
 
-Tiles (H100/H200, untuned: no GPU was available): BM = BP = BN = 32, 8 warps; dots
-as in ``triton_chunk_state`` (fp32 operands, tf32x3). Register counts from ptxas
-(sm_80/sm_90, ``python -m ahn_kernels.triton_aot``): dx 187-236, dB/dC 192-236, no
-spills (at 4 warps the dC kernel spilled at sm_90).
+Tiles (H100/H200, untuned: no GPU was available): BM = BP = BN = 32, 8 warps (dda:
+P and N_state in slices of 16); dots as in ``triton_chunk_state`` (fp32 operands,
+tf32x3). Register counts from ptxas (sm_80/sm_90, ``python -m ahn_kernels.triton_aot``):
+dx 187-236, dB/dC 192-238, dda 193-210, no spills (at 4 warps the dC kernel spilled at
+sm_90; dda with 32-wide slices spilled at both).
 """
 
 from __future__ import annotations
@@ -38,6 +51,7 @@ from . import triton_chunk_state as cs
 from .triton_chunk_state import chunk_of
 
 BM, BP, BN = 32, 32, 32
+BK_DDA = 16  # the dda kernel's P and N_state slices: 32 spilled (ptxas, sm_80 and sm_90)
 NUM_WARPS = 8
 
 
@@ -212,6 +226,116 @@ def ssd_bwd_dbc_kernel(
     tl.store(p_out, b_acc, mask=m_n[None, :] & (o_r[:, None] < L))
 
 
+@triton.jit
+def _state_dots(p_v, stride_v, p_u, stride_u, state, o_i, m_i, P, NS, BM: tl.constexpr, BP: tl.constexpr,
+                BN: tl.constexpr):
+    """u_i . (v_i Sᵀ) for the BM rows o_i: v [BM, N_state] and u [BM, P] rows, S [P, N_state] fp32 contiguous."""
+    b_out = tl.zeros([BM], dtype=tl.float32)
+    for p0 in range(0, P, BP):
+        o_p = p0 + tl.arange(0, BP)
+        m_p = o_p < P
+        b_vs = tl.zeros([BM, BP], dtype=tl.float32)
+        for n0 in range(0, NS, BN):  # S read as [BN, BP]
+            o_n = n0 + tl.arange(0, BN)
+            m_n = o_n < NS
+            b_v = tl.load(p_v + o_i[:, None] * stride_v + o_n[None, :], mask=m_i[:, None] & m_n[None, :],
+                          other=0.0).to(tl.float32)
+            b_s = tl.load(state + o_p[None, :] * NS + o_n[:, None], mask=m_n[:, None] & m_p[None, :], other=0.0)
+            b_vs += tl.dot(b_v, b_s, input_precision="tf32x3")
+        b_u = tl.load(p_u + o_i[:, None] * stride_u + o_p[None, :], mask=m_i[:, None] & m_p[None, :],
+                      other=0.0).to(tl.float32)
+        b_out += tl.sum(b_u * b_vs, 1)
+    return b_out
+
+
+@triton.jit
+def ssd_bwd_dda_kernel(
+    # pointers
+    x, B, C, dy, dt_out, dA_cs, h_in, dstates, cu_seqlens, chunk_seq, chunk_first, dda,
+    # sizes
+    T, H, G, P, NS, N, NC_SEQ, W, S,
+    # strides
+    stride_xb, stride_xt, stride_xh,
+    stride_Bb, stride_Bt, stride_Bg,
+    stride_Cb, stride_Ct, stride_Cg,
+    stride_dyb, stride_dyt, stride_dyh,
+    # meta
+    L: tl.constexpr,
+    BM: tl.constexpr,
+    BP: tl.constexpr,
+    BN: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+):
+    """The terms of dda (module docstring) that row block i_m holds as readouts (rows i) and keys (rows j),
+    for every slot k of the chunk: dda[c, h, i_m, :]; the driver sums the row blocks."""
+    i_c = tl.program_id(0).to(tl.int64)
+    i_h = tl.program_id(1)
+    i_m = tl.program_id(2)
+    i_n, i_b, bos, M, k = chunk_of(i_c, cu_seqlens, chunk_seq, chunk_first, T, N, NC_SEQ, W, S, IS_VARLEN)
+    if (i_n >= N) | (k * L + i_m * BM >= M):  # padding slots only: their zeros are already there
+        return
+    i_g = i_h // (H // G)
+    o_b = tl.arange(0, BM)
+    o_i = i_m * BM + o_b
+    m_i = k * L + o_i < M
+    r0 = bos + S + k * L
+    base_a = (i_c * H + i_h) * L
+    base_s = (i_c * H + i_h) * P * NS
+    p_x = x + i_b * stride_xb + i_h * stride_xh + r0 * stride_xt
+    p_B = B + i_b * stride_Bb + i_g * stride_Bg + r0 * stride_Bt
+    p_C = C + i_b * stride_Cb + i_g * stride_Cg + (r0 + W) * stride_Ct
+    p_dy = dy + i_b * stride_dyb + i_h * stride_dyh + (r0 + W) * stride_dyt
+    b_ai = tl.load(dA_cs + base_a + o_i)
+    # row i as a key: te_i xdt_i . (dS B_i), its share of the chunk state, reaching every k > i
+    b_key = _state_dots(p_B, stride_Bt, p_x, stride_xt, dstates + base_s, o_i, m_i, P, NS, BM, BP, BN)
+    b_key *= tl.exp(tl.load(dA_cs + base_a + L - 1) - b_ai) * tl.load(dt_out + base_a + o_i)
+    b_keys_in = tl.sum(tl.where(o_b[:, None] < o_b[None, :], b_key[:, None], 0.0), 0)  # [BM]: for this block's k
+    b_keys = tl.sum(b_key, 0)  # for the blocks after it
+    # row i as a readout: carry_i = sum over the columns j < k seen so far (the entering state's
+    # readout exp(a_i) dy_i . (C_i h_inᵀ) first, which reaches every k <= i)
+    b_carry = tl.exp(b_ai) * _state_dots(p_C, stride_Ct, p_dy, stride_dyt, h_in + base_s, o_i, m_i, P, NS, BM, BP,
+                                         BN)
+
+    p_out = dda + ((i_c * H + i_h) * tl.num_programs(2) + i_m) * L
+    for j0 in range(0, (i_m + 1) * BM, BM):
+        # the pair terms w_is at columns s = k - 1 for the slots k of this block, so that an inclusive
+        # cumsum gives sum_{j < k} w_ij without subtracting a large w_ik from a small sum
+        o_k = j0 + o_b
+        o_s = o_k - 1
+        m_s = (o_s >= 0) & (k * L + o_s < M)
+        b_cb = tl.zeros([BM, BM], dtype=tl.float32)
+        for n0 in range(0, NS, BN):
+            o_n = n0 + tl.arange(0, BN)
+            m_n = o_n < NS
+            b_c = tl.load(p_C + o_i[:, None] * stride_Ct + o_n[None, :], mask=m_i[:, None] & m_n[None, :],
+                          other=0.0).to(tl.float32)
+            b_b = tl.load(p_B + o_s[None, :] * stride_Bt + o_n[:, None], mask=m_n[:, None] & m_s[None, :],
+                          other=0.0).to(tl.float32)
+            b_cb += tl.dot(b_c, b_b, input_precision="tf32x3")
+        b_dyx = tl.zeros([BM, BM], dtype=tl.float32)
+        for p0 in range(0, P, BP):
+            o_p = p0 + tl.arange(0, BP)
+            m_p = o_p < P
+            b_dy = tl.load(p_dy + o_i[:, None] * stride_dyt + o_p[None, :], mask=m_i[:, None] & m_p[None, :],
+                           other=0.0)
+            b_x = tl.load(p_x + o_s[None, :] * stride_xt + o_p[:, None], mask=m_p[:, None] & m_s[None, :],
+                          other=0.0).to(tl.float32)
+            b_dyx += tl.dot(b_dy, b_x, input_precision="tf32x3")
+        # pairs s < i only: the diagonal crosses no decay
+        m_pair = (o_s[None, :] < o_i[:, None]) & m_s[None, :]
+        b_as = tl.load(dA_cs + base_a + o_s, mask=m_s, other=0.0)
+        b_w = b_cb * b_dyx * tl.exp(tl.where(m_pair, b_ai[:, None] - b_as[None, :], float("-inf")))
+        b_w *= tl.load(dt_out + base_a + o_s, mask=m_s, other=0.0)[None, :]
+        b_left = b_carry[:, None] + tl.cumsum(b_w, 1)  # [BM, BM]: sum_{j < k} w_ij
+        b_v = tl.sum(tl.where(o_i[:, None] >= o_k[None, :], b_left, 0.0), 0)
+        if j0 == i_m * BM:
+            b_v += b_keys_in
+        tl.store(p_out + o_k, b_v)
+        b_carry += tl.sum(b_w, 1)
+    for j0 in range((i_m + 1) * BM, L, BM):
+        tl.store(p_out + j0 + o_b, tl.zeros([BM], dtype=tl.float32) + b_keys)
+
+
 # ----------------------------------------------------------------------------
 # driver
 # ----------------------------------------------------------------------------
@@ -257,63 +381,61 @@ def ssd_chunk_scan_bwd(dout, dfinal, x, dt, A, B, C, chunk_size, D, z, dt_bias, 
     dout [B, T, H, P], dfinal [N, H, P, N_state]. Each gradient comes in its input's dtype (the
     gates' in fp32), None for an absent D, z or dt_bias; dh0 [N, H, P, N_state] fp32.
     """
+    # what the torch ops below read, in one layout whatever the caller's (module docstring)
+    dout, x, dt, D, z = (None if t is None else t.contiguous() for t in (dout, x, dt, D, z))
     Bsz, T, H, P = x.shape
     G, NS = B.shape[2:]
     lay = cs.Layout(x, cu_seqlens, chunk_size, lag_window, lag_sinks)
-    # stages 1-3 as the forward runs them, keeping each chunk's own state S_own beside the entering h_in
-    dt_out, dA_cs = cs.chunk_cumsum(dt, A, dt_bias, dt_softplus, dt_min, dt_max, lay)
-    S_own = cs.chunk_state(x, B, dt_out, dA_cs, lay, from_start=False)  # [NC, H, P, N_state]
-    h_in = S_own.clone()  # [NC, H, P, N_state]
     final = x.new_empty(lay.N, H, P, NS, dtype=torch.float32)  # [N, H, P, N_state]; recomputed, unused
-    cs.state_pass(h_in, dA_cs, h0, lay, final)
-    y = torch.empty(x.shape, dtype=torch.float32, device=x.device)  # [B, T, H, P]: the memory readout
-    scan.chunk_scan(x, B, C, None, None, dt_out, dA_cs, h_in, lay, y)
+    dt_out, dA_cs, h_in = cs.chunk_states(x, dt, A, B, dt_bias, h0, dt_softplus, dt_min, dt_max, lay, final)
 
     xf = x.float()
     dy = dout.float()
     dz = dD = None
-    if z is not None:  # out = y' silu(z), y' = y + D x
+    if z is not None:  # out = y silu(z), y the pre-gate output (D x included)
+        y = torch.empty(x.shape, dtype=torch.float32, device=x.device)  # [B, T, H, P]
+        scan.chunk_scan(x, B, C, D, z, dt_out, dA_cs, h_in, lay, y, gate=False)
         zf = z.float()
         sig = torch.sigmoid(zf)
-        y_pre = y if D is None else y + xf * (D[:, None] if D.dim() == 1 else D)
-        dz = (dy * y_pre * sig * (1 + zf * (1 - sig))).to(z.dtype)
+        dz = (dy * y * sig * (1 + zf * (1 - sig))).to(z.dtype)
         dy = dy * zf * sig
     dx = torch.zeros_like(xf)  # [B, T, H, P]
     if D is not None:
         dx = dy * (D[:, None] if D.dim() == 1 else D)
         dD = (dy * xf).sum((0, 1, 3) if D.dim() == 1 else (0, 1))
-    dy = dy.contiguous()
 
     dstates = cs.chunk_state(dy, C, dt_out, dA_cs, lay, from_start=True)  # [NC, H, P, N_state]: d h_in
     dh0 = torch.empty_like(final)  # [N, H, P, N_state]
-    cs.state_pass(dstates, dA_cs, dfinal.float().contiguous(), lay, dh0, reverse=True)  # dstates: d S_own
+    cs.state_pass(dstates, dA_cs, dfinal.float().contiguous(), lay, dh0, reverse=True)  # dstates: d h_out
 
     L = lay.L
+    bm = min(BM, L)
+    n_blocks = L // bm
     # zeros: the kernels skip blocks of padding slots, which the sums below still read
     dxdt = x.new_zeros(lay.NC * L, H, P, dtype=torch.float32)  # [NC * L, H, P]
     dBh = x.new_zeros(lay.NC * L, H, NS, dtype=torch.float32)  # [NC * L, H, N_state], per head
     dCh = torch.zeros_like(dBh)  # [NC * L, H, N_state]
+    dda = x.new_zeros(lay.NC, H, n_blocks, L, dtype=torch.float32)  # [NC, H, L / BM, L]: per row block
     if lay.NC * H:
-        meta = dict(L=L, BM=min(BM, L), BP=BP, BN=BN, IS_VARLEN=lay.cu is not None, num_warps=NUM_WARPS)
+        meta = dict(L=L, BM=bm, BP=BP, BN=BN, IS_VARLEN=lay.cu is not None, num_warps=NUM_WARPS)
         sizes = (T, H, G, P, NS, lay.N, lay.NC_SEQ, lay.W, lay.S)
-        n_blocks = triton.cdiv(L, min(BM, L))
+        strides = (*B.stride()[:3], *C.stride()[:3], *dy.stride()[:3])
         ssd_bwd_dx_kernel[(lay.NC, H, n_blocks * triton.cdiv(P, BP))](
-            B, C, dy, dA_cs, dstates, *lay.args(), dxdt, *sizes, *B.stride()[:3], *C.stride()[:3],
-            *dy.stride()[:3], **meta)
+            B, C, dy, dA_cs, dstates, *lay.args(), dxdt, *sizes, *strides, **meta)
         for for_b, out in ((True, dBh), (False, dCh)):
             ssd_bwd_dbc_kernel[(lay.NC, H, n_blocks * triton.cdiv(NS, BN))](
-                x, B, C, dy, dt_out, dA_cs, h_in, dstates, *lay.args(), out, *sizes, *x.stride()[:3],
-                *B.stride()[:3], *C.stride()[:3], *dy.stride()[:3], FOR_B=for_b, **meta)
+                x, B, C, dy, dt_out, dA_cs, h_in, dstates, *lay.args(), out, *sizes, *x.stride()[:3], *strides,
+                FOR_B=for_b, **meta)
+        ssd_bwd_dda_kernel[(lay.NC, H, n_blocks)](
+            x, B, C, dy, dt_out, dA_cs, h_in, dstates, *lay.args(), dda, *sizes, *x.stride()[:3], *strides,
+            **dict(meta, BP=BK_DDA, BN=BK_DDA))
 
     kv, q = _slot_rows(lay, Bsz, x.device)
     dt_slot = dt_out.transpose(1, 2).reshape(-1, H)  # [NC * L, H]
     ddt_x = (dxdt * _gather(xf, kv)).sum(-1)  # [NC * L, H]: dxdt . x
-    # d a_k = dy_k . y_k - dt_k x_k . dxdt_k, plus dS . h_out at the last slot (module docstring)
-    da = (_gather(dy, q) * _gather(y, q)).sum(-1) - dt_slot * ddt_x
-    da = da.view(lay.NC, L, H)
-    h_out = torch.exp(dA_cs[:, :, -1])[..., None, None] * h_in + S_own  # [NC, H, P, N_state]
-    da[:, -1] += (dstates * h_out).sum((-2, -1))
-    ddA = da.flip(1).cumsum(1).flip(1).reshape(-1, H)  # [NC * L, H]: d(dt A) of each slot
+    # d(dt A) of each slot: the row blocks' terms and the entering state passed on (module docstring)
+    passed = torch.exp(dA_cs[:, :, -1]) * (dstates * h_in).sum((-2, -1))  # [NC, H]
+    ddA = (dda.sum(2) + passed[..., None]).transpose(1, 2).reshape(-1, H)  # [NC * L, H]
     dA = (ddA * dt_slot).sum(0)
     ddt_rows = _scatter(ddA * A + ddt_x, kv, (Bsz, T, H))
     dx = dx + _scatter((dxdt * dt_slot[..., None]).reshape(-1, H, P), kv, (Bsz, T, H, P))
@@ -355,7 +477,17 @@ def _dbc_case(dtype, L, for_b, varlen):
                        num_warps=NUM_WARPS)
 
 
+def _dda_case(dtype, L, varlen):
+    ptrs, absent = _maps(varlen)
+    ptrs.update(x=f"*{dtype}", B=f"*{dtype}", C=f"*{dtype}", dy="*fp32", dt_out="*fp32", dA_cs="*fp32",
+                h_in="*fp32", dstates="*fp32", dda="*fp32")
+    return cs.aot_case(f"{dtype} L={L}{' varlen' if varlen else ''}", ssd_bwd_dda_kernel, ptrs,
+                       dict(absent, L=L, BM=min(BM, L), BP=BK_DDA, BN=BK_DDA, IS_VARLEN=varlen),
+                       num_warps=NUM_WARPS)
+
+
 AOT_CASES = [
     _dx_case("bf16", 256, True), _dx_case("fp32", 64, False),
     _dbc_case("bf16", 256, True, True), _dbc_case("bf16", 256, False, True), _dbc_case("fp32", 64, True, False),
+    _dda_case("bf16", 256, True), _dda_case("fp32", 64, False),
 ]
