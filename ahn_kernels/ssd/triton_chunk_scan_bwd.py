@@ -18,8 +18,8 @@ every one an exp of a difference of prefix sums (``ssd_bwd_dda_kernel``):
 
 Not the shorter dy_k . y_k - xdt_k . dxdt_k summed from the chunk's end (every readout
 carries exp(a_i), every key exp(-a_j)): there the pairs on one side of k cancel, and
-their fp32 rounding, O(1) from the diagonal i = j alone, swamps a gradient that strong
-decays make tiny (dt A = -200 per token gave dA relative errors of 1e9).
+their fp32 rounding, O(1) from the diagonal i = j already, swamps a gradient that strong
+decays make tiny (dt A of -20 .. -200 per token gave dA relative errors of 1e9).
 
 Order: stages 1-3 forwards (``triton_chunk_state``, the forward's own kernels), the
 pre-gate output where z needs it (``triton_chunk_scan``'s kernel without silu(z)),
