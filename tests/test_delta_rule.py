@@ -399,6 +399,23 @@ def test_chunk_kernel_red_zone_and_threads(dtype):
     assert_close("final_state", results[0][1], ht_ref, tolerance(dtype, "out"))
 
 
+def test_chunk_kernel_large_output_red_zone():
+    """An o over 4 MiB, whose pages the kernel faults in itself (huge pages, a parallel first touch:
+    csrc/common/pages.h): writes stay inside its red zone and are bitwise those into a plain tensor."""
+    _require_chunk_kernel()
+    T, HS, K, V = 2100, 4, 16, 128  # o [1, T, HS, V] fp32: 4.3 MiB
+    x = make_delta_inputs(1, T, (HS, 2, 2), K, V)
+    args = (x["q"], x["k"], x["v"], x["g"], x["beta"], K ** -0.5, None, None, True, 64, 0, 0)
+    plain = torch.empty(1, T, HS, V), torch.empty(1, HS, K, V)
+    op.run_chunk(*args, *plain)
+    o, check_o = red_zone((1, T, HS, V), torch.float32)
+    ht, check_ht = red_zone((1, HS, K, V), torch.float32)
+    op.run_chunk(*args, o, ht)
+    check_o()
+    check_ht()
+    assert torch.equal(o, plain[0]) and torch.equal(ht, plain[1])
+
+
 # ----------------------------------------------------------------------------
 # chunk: the compiled CPU backward vs fp64 autograd through the token loop
 # ----------------------------------------------------------------------------

@@ -664,6 +664,28 @@ def test_cpu_bwd_red_zone_and_threads(dtype):
         assert_close(f"d{k}", g, w, tolerance(dtype, GRAD_KIND[k]))
 
 
+@pytest.mark.parametrize("G", (2, 8), ids=["group_sums", "direct"])
+def test_cpu_large_outputs_red_zone(G):
+    """Outputs over 4 MiB, whose pages the kernels fault in themselves (huge pages, a parallel first touch:
+    csrc/common/pages.h), as they do the backward's per-head dB, dC shares (G < H): writes stay inside the
+    red zones and are bitwise those into plain tensors."""
+    _require_cpu_kernels()
+    T, H, P, NS = 2100, 8, 64, 128  # out, dx, dz [1, T, H, P] fp32: 4.3 MiB; dB, dC at G = H: 8.6 MiB
+    args = _bwd_args(make_ssd_inputs(1, T, H, P, NS, G, D="H", z=True, dt_bias=True), 256, (0.0, math.inf), (0, 0))
+    dout, dfinal = torch.randn(1, T, H, P), torch.randn(1, H, P, NS)
+    shapes = [(1, T, H, P), (1, H, P, NS),  # out, final states
+              (1, T, H, P), (1, T, H), (H,), (1, T, G, NS), (1, T, G, NS), (H,), (1, T, H, P), (H,), (1, H, P, NS)]
+    plain = [torch.empty(s) for s in shapes]
+    zoned, checks = zip(*(testing.red_zone(s, torch.float32) for s in shapes))
+    for outs in (plain, zoned):
+        ssd_op.run_chunk_scan(*args, *outs[:2])
+        ssd_op.run_chunk_scan_bwd(dout, dfinal, *args, outs[2:])
+    for check in checks:
+        check()
+    for name, a, b in zip(("out", "final_states") + GRAD_NAMES, plain, zoned):
+        assert torch.equal(a, b), name
+
+
 def test_state_update_equals_chunk_scan_after_1000_steps():
     """The decode kernel fed token by token and the scan kernel over the same 1000 tokens agree in fp32 to 1e-5
     relative (outputs and state): the two share a state step but not its schedule (the scan keeps a scaled state)."""

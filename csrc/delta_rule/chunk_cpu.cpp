@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "common/dispatch.h"
+#include "common/pages.h"
 #include "delta_rule/chunk_cpu_common.h"
 #include "delta_rule/delta_rule.h"
 
@@ -209,6 +210,7 @@ template <class T>
 void run(const ChunkParams& p, int num_threads) {
   const int64_t N = p.N, HS = p.HS;
   static const StepFn step = pick(chunk_step_avx512, chunk_step_avx2, chunk_step_baseline);
+  prepare_pages(p.o, p.B * p.T * HS * p.V * int64_t(sizeof(T)), num_threads);  // o [B, T, HS, V]
   // With shared k heads their K Kᵀ is formed once up front; else each task forms its own
   // in cache (a pass over memory would only add traffic).
   const KeyGrams kg = p.HK < HS ? key_grams(p, num_threads) : KeyGrams{};

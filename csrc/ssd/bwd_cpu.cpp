@@ -32,6 +32,7 @@
 
 #include "common/dispatch.h"
 #include "common/isa.h"
+#include "common/pages.h"
 #include "ssd/cpu_step.h"
 #include "ssd/ssd.h"
 
@@ -269,6 +270,14 @@ void scan_bwd(const ScanBwdParams& q, int num_threads) {
   std::unique_ptr<float[]> shares(direct ? nullptr : new float[2 * rows * H * NS]);  // [2, B, T, H, NS]
   float* dB_h = direct ? static_cast<float*>(q.dB) : shares.get();
   float* dC_h = direct ? static_cast<float*>(q.dC) : shares.get() + rows * H * NS;
+  prepare_pages(q.dx, rows * H * P * int64_t(sizeof(T)), num_threads);
+  if (q.dz) prepare_pages(q.dz, rows * H * P * int64_t(sizeof(T)), num_threads);
+  if (direct) {
+    prepare_pages(q.dB, rows * H * NS * int64_t(sizeof(float)), num_threads);
+    prepare_pages(q.dC, rows * H * NS * int64_t(sizeof(float)), num_threads);
+  } else {
+    prepare_pages(shares.get(), 2 * rows * H * NS * int64_t(sizeof(float)), num_threads);
+  }
   std::vector<double> sums(N * H * (kSums + P), 0.0);  // [N, H, kSums + P]
 #pragma omp parallel for collapse(2) schedule(dynamic) num_threads(num_threads)
   for (int64_t n = 0; n < N; ++n)

@@ -11,6 +11,7 @@
 
 #include "common/dispatch.h"
 #include "common/isa.h"
+#include "common/pages.h"
 #include "ssd/cpu_step.h"
 #include "ssd/ssd.h"
 
@@ -121,6 +122,7 @@ void scan_head(const ScanParams& p, int64_t n, int64_t h) {
 template <class T>
 void scan(const ScanParams& p, int num_threads) {
   const int64_t N = p.N, H = p.H;
+  prepare_pages(p.y, p.B * p.T * H * p.P * int64_t(sizeof(T)), num_threads);
   // Dynamic: under varlen, sequences of very different lengths must not pile onto one thread.
 #pragma omp parallel for collapse(2) schedule(dynamic) num_threads(num_threads)
   for (int64_t n = 0; n < N; ++n)
