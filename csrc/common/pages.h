@@ -31,9 +31,11 @@ inline void prepare_pages(void* p, int64_t bytes, int num_threads) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);  // a hint: where refused, 4 KiB pages
 #endif
+  // A write that keeps the byte: one fault per page, and a buffer the caller filled (the
+  // tests' NaN poison) keeps its contents until the kernel writes it.
   char* const c = static_cast<char*>(p);
 #pragma omp parallel for schedule(static) num_threads(num_threads)
-  for (int64_t b = 0; b < bytes; b += kPage) c[b] = 0;
+  for (int64_t b = 0; b < bytes; b += kPage) __atomic_fetch_or(c + b, char(0), __ATOMIC_RELAXED);
 }
 
 }  // namespace ahn

@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "common/dispatch.h"
+#include "common/pages.h"
 #include "delta_rule/chunk_cpu_common.h"
 #include "delta_rule/delta_rule.h"
 
@@ -296,6 +297,13 @@ struct GradSink {
       std::fill(out + (row * H + h) * D, out + (row * H + h + 1) * D, from_f32<T>(0.f));
   }
   // out = the group sums of the partials, rows [0, rows).
+  // Faults in the pages of the buffer the tasks write (see common/pages.h).
+  void prepare(int64_t rows, int num_threads) const {
+    if (part)
+      prepare_pages(part, rows * p->HS * D * int64_t(sizeof(float)), num_threads);
+    else
+      prepare_pages(out, rows * H * D * int64_t(sizeof(T)), num_threads);
+  }
   void reduce(int64_t rows, int num_threads) const {
     if (!part) return;
     const int64_t HS = p->HS, G = HS / H;
@@ -426,6 +434,7 @@ void run(const ChunkBwdParams& pb, int num_threads) {
   const Sinks<T> sink{{&p, p.q, p.q_sb, p.q_st, p.q_sh, p.HQ, p.K, p.l2norm, static_cast<T*>(pb.dq), pq.get()},
                       {&p, p.k, p.k_sb, p.k_st, p.k_sh, p.HK, p.K, p.l2norm, static_cast<T*>(pb.dk), pk.get()},
                       {&p, p.v, p.v_sb, p.v_st, p.v_sh, p.HV, p.V, false, static_cast<T*>(pb.dv), pv.get()}};
+  for (const GradSink<T>* g : {&sink.dq, &sink.dk, &sink.dv}) g->prepare(rows, num_threads);
   // Rows past the last sequence (none once cu_seqlens is validated) belong to no task.
   for (int64_t r = p.cu_seqlens ? p.cu_seqlens[N] : rows; r < rows; ++r)
     for (int64_t h = 0; h < HS; ++h) {
