@@ -1,6 +1,7 @@
-"""chunk_{,gated_}delta_rule on the Triton kernels (``triton_chunk.py``, ``triton_chunk_bwd.py``),
-under ``TRITON_INTERPRET=1`` on CPU tensors, against the fp64 token loop: forward, final state and
-every gradient; red zones, determinism, split continuation and opcheck through the Triton path."""
+"""chunk_{,gated_}delta_rule on the Triton kernels (``triton_chunk_ut.py``, ``triton_chunk.py``,
+``triton_chunk_bwd.py``), under ``TRITON_INTERPRET=1`` on CPU tensors, against the fp64 token loop:
+forward, final state and every gradient; red zones, determinism, split continuation and opcheck
+through the Triton path."""
 
 import pytest
 import torch
