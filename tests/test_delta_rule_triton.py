@@ -170,3 +170,15 @@ def test_chunk_triton_opcheck():
     args = (x["q"], x["k"], x["v"], x["g"], x["beta"], 8 ** -0.5, x["initial_state"], x["cu_seqlens"], True, 16, 2, 1)
     with ahn_kernels.use_backend("triton"):
         opcheck(torch.ops.ahn.chunk_gated_delta_rule.default, args)
+
+
+# The backward at the largest head dims (K = V = 256: eight K slices and sixteen V tiles per program),
+# in fp32 (the tightest bar), small T; same columns as CASES.
+CASES_256 = [(1, None, 17, 256, 256, GKV, True, True, None, torch.float32, True, 16, False)]
+
+
+@pytest.mark.parametrize("B, lengths, T, K, V, heads, h0, l2norm, lag, dtype, gated, chunk, permuted", CASES_256,
+                         ids=[_case_id(*c) for c in CASES_256])
+def test_chunk_triton_head_dim_256(B, lengths, T, K, V, heads, h0, l2norm, lag, dtype, gated, chunk, permuted):
+    """Forward, final state and every gradient at K = V = 256 vs fp64."""
+    test_chunk_triton_vs_recurrent(B, lengths, T, K, V, heads, h0, l2norm, lag, dtype, gated, chunk, permuted)

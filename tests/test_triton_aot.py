@@ -53,6 +53,15 @@ def test_fused_recurrent_forward_does_not_spill(rows):
     assert not spilling, "\n".join(spilling)
 
 
+def test_chunk_delta_rule_backward_fits_shared_memory(rows):
+    """The chunked delta rules' Triton backward fits an A100 block (163 KB of shared memory) with a margin."""
+    rows, _ = rows
+    mine = [r for r in rows if r["module"].startswith("ahn_kernels.delta_rule.triton_chunk_bwd")]
+    assert {r["kernel"] for r in mine} >= {"chunk_state_bwd_kernel", "chunk_grad_kernel"}
+    big = [f"{r['kernel']} sm_{r['cap']} [{r['label']}]: {r['shared']} bytes" for r in mine if r["shared"] > 128 * 1024]
+    assert not big, "\n".join(big)
+
+
 SPILLING_CASE = """
 import dataclasses, json
 from ahn_kernels import triton_aot

@@ -70,10 +70,6 @@ def _chunk_bwd(op, grad_o, grad_ht, q, k, v, g, beta, scale, initial_state, cu_s
                chunk_size, lag_window, lag_sinks):
     """(dq, dk, dv, [dg,] dbeta, dh0); dh0 also without an initial state (the gradient w.r.t. zeros)."""
     backend = _backend.choose(op + "_bwd", q.device.type)
-    if backend == "triton" and q.is_cuda and not _triton_bwd_fits(k.shape[-1], v.shape[-1], q.device):
-        _backend._say_once(op + "_bwd", "cuda", f"ahn_kernels: {op} backward at K={k.shape[-1]}, V={v.shape[-1]} "
-                           "needs more shared memory than this GPU has in the Triton kernel; running the reference")
-        backend = "reference"
     if backend in ("cpu", "triton"):
         B, T, HS, K, V, N = _sizes(q, k, v, beta, cu_seqlens)
         # The kernel reads upstream gradients as o's dtype with a unit last stride, the state's as fp32.
@@ -95,21 +91,6 @@ def _chunk_bwd(op, grad_o, grad_ht, q, k, v, g, beta, scale, initial_state, cu_s
                                                            chunk_size)
     grads = (dq, dk, dv, dbeta) if g is None else (dq, dk, dv, dg, dbeta)
     return (*(x.contiguous() for x in grads), dh0.contiguous())
-
-
-@functools.cache
-def _triton_smem(device_index: int) -> int:
-    """Shared memory in bytes one block may opt in to, from Triton's own driver (what its launcher checks)."""
-    import triton
-
-    return triton.runtime.driver.active.utils.get_device_properties(device_index)["max_shared_mem"]
-
-
-def _triton_bwd_fits(K: int, V: int, device) -> bool:
-    """Whether the Triton backward's tiles fit the GPU's shared memory (sizes from its sm_80/sm_90 compiles:
-    173 KB at K = V = 128, 296-377 KB at 256; an H100/H200 block may opt in to 227 KB, an A100's to 163 KB)."""
-    dim = max(K, V)
-    return dim <= 64 or (dim <= 128 and _triton_smem(device.index or 0) >= 180 * 1024)
 
 
 def _chunk_delta_rule(q, k, v, beta, scale, initial_state, cu_seqlens, use_qk_l2norm, chunk_size,
