@@ -42,7 +42,7 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 class Spec:
     """How to drive one public op: inputs, the call, its fp64 oracle and its [B, T, H, D] inputs."""
 
-    make: Callable  # (dtype, lengths) -> kwargs dict; lengths packs sequences (B = 1) or is None
+    make: Callable  # (dtype, lengths, T=, heads=) -> kwargs dict; lengths packs sequences (B = 1) or is None
     call: Callable  # kwargs -> list of output tensors
     oracle: Callable  # fp64 kwargs -> list of output tensors
     acts: tuple  # names of the [B, T, H, D] activations
@@ -54,8 +54,8 @@ def _delta_spec(gated: bool, chunked: bool) -> Spec:
     name = ("chunk_" if chunked else "fused_recurrent_") + ("gated_" if gated else "") + "delta_rule"
     chunk = {"chunk_size": 16} if chunked else {}
 
-    def make(dtype, lengths, T=70):
-        d = testing.make_delta_inputs(1 if lengths else 2, sum(lengths) if lengths else T, (4, 2, 2), 33, 20,
+    def make(dtype, lengths, T=70, heads=(4, 2, 2)):
+        d = testing.make_delta_inputs(1 if lengths else 2, sum(lengths) if lengths else T, heads, 33, 20,
                                       gated=gated, dtype=dtype, lengths=lengths, initial_state=True,
                                       unit_keys=False, decay=0.5, requires_grad=chunked)
         return d
@@ -77,9 +77,9 @@ def _delta_spec(gated: bool, chunked: bool) -> Spec:
     return Spec(make, call, oracle, ("q", "k", "v"), "k", chunked)
 
 
-def _ssd_make(dtype, lengths, T=70):
-    return testing.make_ssd_inputs(1 if lengths else 2, sum(lengths) if lengths else T, 4, 5, 6, 2, dtype=dtype,
-                                   D="H", z=True, dt_bias=True, initial_states=True, lengths=lengths,
+def _ssd_make(dtype, lengths, T=70, heads=(4, 2)):
+    return testing.make_ssd_inputs(1 if lengths else 2, sum(lengths) if lengths else T, heads[0], 5, 6, heads[1],
+                                   dtype=dtype, D="H", z=True, dt_bias=True, initial_states=True, lengths=lengths,
                                    requires_grad=True)
 
 
@@ -95,9 +95,9 @@ def _ssd_oracle(d):
 W, S = 16, 3
 
 
-def _swa_make(dtype, lengths, T=70):
+def _swa_make(dtype, lengths, T=70, heads=(4, 2)):
     B, T = (1, sum(lengths)) if lengths else (2, T)
-    q, k, v = testing.swa_inputs(B, T, 4, 2, 20, dtype=dtype, requires_grad=True)
+    q, k, v = testing.swa_inputs(B, T, *heads, 20, dtype=dtype, requires_grad=True)
     return {"q": q, "k": k, "v": v, "cu_seqlens": None if lengths is None else testing.seqlens_to_cu(lengths)}
 
 
@@ -443,6 +443,35 @@ def test_one_and_two_threads_bitwise(op):
         torch.set_num_threads(before)
     _same(two[0], one[0], f"{op} outputs")
     _same(two[1], one[1], f"{op} gradients")
+
+
+# Heads per op where four heads feed one input head's gradient (q/k of the delta rules, B/C of SSD, k/v of
+# attention): a sum of two terms is commutative, so only three or more expose a reduction order.
+CONTENDED_HEADS = {"ssd_chunk_scan": (4, 1), "swa_attention": (4, 1)}
+
+
+@pytest.mark.parametrize("op", [op for op in SPECS if "cpu" in _backends(op)])
+def test_contended_runs_bitwise(op):
+    # A reduction whose order follows thread scheduling (atomics, a shared sum under a dynamic schedule)
+    # stays invisible at the small T above: each task ends before the next starts. At T = 1000 with four
+    # threads on fewer cores, tasks overlap and get preempted, so such an order changes between runs
+    # (measured on a planted atomic sum of the delta rule's shared-head gradients: 10 of 10 runs differ
+    # at T = 1000, none at T = 70 or 300).
+    spec = SPECS[op]
+    d = spec.make(F32, None, T=1000, heads=CONTENDED_HEADS.get(op, (1, 1, 4)))
+    outs, _ = _run(spec, "cpu", d)
+    up = _upstream(outs)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _run(spec, "cpu", d, up)
+        torch.set_num_threads(4)
+        for _ in range(5):
+            again = _run(spec, "cpu", d, up)
+            _same(again[0], one[0], f"{op} outputs, 4 threads vs 1")
+            _same(again[1], one[1], f"{op} gradients, 4 threads vs 1")
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_python_threads_match_serial():
