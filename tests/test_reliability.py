@@ -487,3 +487,58 @@ def test_python_threads_match_serial():
         threaded = list(pool.map(lambda j: _run(SPECS[j[0]], _backend.choose(j[0], "cpu"), j[1], None)[0], jobs))
     for (op, _), a, b in zip(jobs, threaded, serial):
         _same(a, b, f"{op} in a thread")
+
+
+# ---------------------------------------------------------------------------------------------
+# Poison and red zones: the guards every kernel test relies on must bite
+# ---------------------------------------------------------------------------------------------
+def test_poison_fills_library_allocations():
+    # tests/conftest.py holds testing.poisoned_allocations open for the session.
+    probe = {"__name__": "ahn_kernels.probe", "torch": torch}
+    exec("def alloc(x):\n    return torch.empty(3, 4), torch.empty_like(x), x.new_empty(2, 5)", probe)
+    for t in probe["alloc"](torch.zeros(7, dtype=torch.bfloat16)):
+        assert torch.isnan(t).all(), "an uninitialised library allocation escaped the poison"
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c[1] != "reference"], ids=_ids)
+def test_every_buffer_inside_red_zones(case):
+    # The kernel tests guard the buffers they hand to launchers; here every input of the public op and every
+    # buffer the library allocates on the way (outputs, gradients, scratch) sits between NaN guards, forward
+    # and backward. Allocations start as NaN too, so finite results also mean every element was written.
+    op, backend = case
+    spec = SPECS[op]
+    d = spec.make(F32, LENGTHS)
+    zoned, checks = {}, []
+    for n, t in d.items():
+        if isinstance(t, torch.Tensor):
+            zoned[n], check = testing.red_zone(tuple(t.shape), t.dtype,
+                                               fill=float("nan") if t.is_floating_point() else 1 << 40)
+            zoned[n].copy_(t.detach()).requires_grad_(t.requires_grad)
+            checks.append(check)
+        else:
+            zoned[n] = t
+    with testing.red_zoned_allocations() as allocated, _backend.use_backend(backend):
+        outs = spec.call(zoned)
+        up = _upstream(outs)
+        leaves = _leaves(zoned) if spec.differentiable else []
+        grads = torch.autograd.grad(outs, leaves, up, allow_unused=True) if leaves else []
+    assert allocated, "the library allocated nothing: the interception is broken"
+    for check in (*checks, *allocated):
+        check()
+    for i, t in enumerate([*outs, *(g for g in grads if g is not None)]):
+        assert torch.isfinite(t).all(), f"{op}/{backend} result {i}: non-finite values"
+
+
+@pytest.mark.parametrize("shape", [(3, 5), (2, 40, 4, 8)])
+def test_red_zone_bites(shape):
+    n = torch.Size(shape).numel()
+    view, check = testing.red_zone(shape, torch.float32)
+    guard = view.untyped_storage().nbytes() // 4 - n
+    assert view.storage_offset() * 2 == guard >= 2 * max(testing.RED_ZONE, n, 256), "each guard: >= 256 elements and the view"
+    view.fill_(1.0)
+    check()
+    for off in (-guard // 2, -1, n, n + guard // 2 - 1):  # the first and last element of each guard
+        view, check = testing.red_zone(shape, torch.float32)
+        view.as_strided((1,), (1,), view.storage_offset() + off).fill_(0.0)
+        with pytest.raises(AssertionError, match="red zone"):
+            check()
