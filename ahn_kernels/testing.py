@@ -6,6 +6,10 @@ import this module so that all of them run the same cases with the same bars.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import sys
+
 import torch
 
 # ----------------------------------------------------------------------------
@@ -52,15 +56,23 @@ def tolerance(dtype: torch.dtype, kind: str) -> float:
     return TOLERANCES[dtype][kind]
 
 
-def red_zone(shape: tuple, dtype: torch.dtype, device="cpu", pad: int = 256, fill=float("nan")):
-    """A tensor of ``shape`` living inside a larger buffer whose ``pad`` elements on each side hold ``fill``.
+RED_ZONE = 1 << 16  # elements: a 128 x 512 tile
+
+
+def red_zone(shape: tuple, dtype: torch.dtype, device="cpu", fill=float("nan")):
+    """A tensor of ``shape`` living inside a larger buffer whose guard regions on each side hold ``fill``.
 
     Returns ``(view, check)``; ``check()`` asserts that the guard regions are untouched.
-    Under ``TRITON_INTERPRET=1`` this is the only out-of-bounds detector.
+    Under ``TRITON_INTERPRET=1`` this is the only out-of-bounds detector. Each guard holds
+    RED_ZONE elements or the tensor's own size, whichever is larger: an unmasked store
+    overruns by up to a tile (the SWA forward with its store mask dropped wrote up to
+    3,595 elements past a 2,904-element bf16 o), and an overrun that leaves the guard
+    corrupts the heap (the run aborts) instead of failing the check.
     """
     n = 1
     for s in shape:
         n *= s
+    pad = max(RED_ZONE, n)
     buf = torch.full((n + 2 * pad,), fill, dtype=dtype, device=device)
     view = buf[pad:pad + n].view(shape)
     guard = buf.clone()
@@ -242,3 +254,71 @@ def make_delta_inputs(B, T, heads=(2, 2, 4), K=16, V=16, *, gated=True, dtype=to
         if isinstance(t, torch.Tensor) and t.is_floating_point():
             t.requires_grad_(requires_grad)
     return out
+
+
+# ----------------------------------------------------------------------------
+# Poison and guards for what the library allocates itself (outputs, gradients,
+# scratch): the kernel tests' red zones only cover the buffers they pass in.
+# ----------------------------------------------------------------------------
+@contextlib.contextmanager
+def _library_allocations(treat):
+    """Within the block, each floating tensor that ``torch.empty``, ``torch.empty_like`` or
+    ``Tensor.new_empty`` returns to ``ahn_kernels`` code is replaced by ``treat(tensor)``.
+
+    The library allocates nothing else uninitialised (tests/test_hygiene.py). Calls from
+    outside the library (tests reserving address space, users) are left alone, and so is
+    tracing under ``torch.compile``.
+    """
+    originals = torch.empty, torch.empty_like, torch.Tensor.new_empty
+
+    def intercept(alloc):
+        def wrapper(*args, **kwargs):
+            out = alloc(*args, **kwargs)
+            if out.is_floating_point() and not torch.compiler.is_compiling() and _called_from_library():
+                return treat(out)
+            return out
+
+        return functools.wraps(alloc)(wrapper)
+
+    torch.empty, torch.empty_like, torch.Tensor.new_empty = (intercept(a) for a in originals)
+    try:
+        yield
+    finally:
+        torch.empty, torch.empty_like, torch.Tensor.new_empty = originals
+
+
+def _called_from_library() -> bool:
+    # Frame 0 is this function, 1 the wrapper, 2 the allocating code.
+    return sys._getframe(2).f_globals.get("__name__", "").startswith("ahn_kernels.")
+
+
+def poisoned_allocations():
+    """Context manager: what the library allocates uninitialised starts as NaN.
+
+    A kernel that leaves an output, gradient or scratch element unwritten then returns NaN
+    there instead of whatever the allocator handed back: often zeros from fresh pages or
+    the previous call's identical result, which hide the bug. tests/conftest.py holds it
+    open for the whole session.
+    """
+    return _library_allocations(lambda t: t.fill_(float("nan")))
+
+
+@contextlib.contextmanager
+def red_zoned_allocations():
+    """Within the block, what the library allocates uninitialised lives inside ``red_zone``
+    guards (and starts as NaN); yields a list of their checks, to run after the calls.
+
+    Covers the kernels whose launchers allocate their own outputs, and every scratch buffer.
+    Real tensors only: the views have a storage offset, which fake kernels do not predict.
+    """
+    checks = []
+
+    def zone(t):
+        if t.device.type == "meta" or isinstance(t, torch._subclasses.FakeTensor):
+            return t
+        view, check = red_zone((t.numel(),), t.dtype, t.device)
+        checks.append(check)
+        return view.as_strided(t.shape, t.stride())
+
+    with _library_allocations(zone):
+        yield checks

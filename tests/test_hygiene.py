@@ -7,6 +7,7 @@ the working directory pointed at empty temporary folders that must stay empty.
 
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import tarfile
@@ -74,4 +75,12 @@ def test_no_pickle_loads_in_package():
         text = path.read_text()
         if "pickle" in text or ("torch.load(" in text and "weights_only=True" not in text):
             offenders.append(str(path.relative_to(REPO)))
+    assert not offenders, offenders
+
+
+def test_uninitialised_allocations_are_poisoned():
+    # The test-time poison and guards (ahn_kernels.testing) intercept torch.empty, torch.empty_like and
+    # Tensor.new_empty, looked up at call time; any other uninitialised allocation would escape them.
+    pattern = re.compile(r"empty_strided|resize_\(|from torch import[^\n]*empty")
+    offenders = [str(p.relative_to(REPO)) for p in (REPO / "ahn_kernels").rglob("*.py") if pattern.search(p.read_text())]
     assert not offenders, offenders

@@ -42,7 +42,7 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 class Spec:
     """How to drive one public op: inputs, the call, its fp64 oracle and its [B, T, H, D] inputs."""
 
-    make: Callable  # (dtype, lengths) -> kwargs dict; lengths packs sequences (B = 1) or is None
+    make: Callable  # (dtype, lengths, T=, heads=) -> kwargs dict; lengths packs sequences (B = 1) or is None
     call: Callable  # kwargs -> list of output tensors
     oracle: Callable  # fp64 kwargs -> list of output tensors
     acts: tuple  # names of the [B, T, H, D] activations
@@ -54,8 +54,8 @@ def _delta_spec(gated: bool, chunked: bool) -> Spec:
     name = ("chunk_" if chunked else "fused_recurrent_") + ("gated_" if gated else "") + "delta_rule"
     chunk = {"chunk_size": 16} if chunked else {}
 
-    def make(dtype, lengths, T=70):
-        d = testing.make_delta_inputs(1 if lengths else 2, sum(lengths) if lengths else T, (4, 2, 2), 33, 20,
+    def make(dtype, lengths, T=70, heads=(4, 2, 2)):
+        d = testing.make_delta_inputs(1 if lengths else 2, sum(lengths) if lengths else T, heads, 33, 20,
                                       gated=gated, dtype=dtype, lengths=lengths, initial_state=True,
                                       unit_keys=False, decay=0.5, requires_grad=chunked)
         return d
@@ -77,9 +77,9 @@ def _delta_spec(gated: bool, chunked: bool) -> Spec:
     return Spec(make, call, oracle, ("q", "k", "v"), "k", chunked)
 
 
-def _ssd_make(dtype, lengths, T=70):
-    return testing.make_ssd_inputs(1 if lengths else 2, sum(lengths) if lengths else T, 4, 5, 6, 2, dtype=dtype,
-                                   D="H", z=True, dt_bias=True, initial_states=True, lengths=lengths,
+def _ssd_make(dtype, lengths, T=70, heads=(4, 2)):
+    return testing.make_ssd_inputs(1 if lengths else 2, sum(lengths) if lengths else T, heads[0], 5, 6, heads[1],
+                                   dtype=dtype, D="H", z=True, dt_bias=True, initial_states=True, lengths=lengths,
                                    requires_grad=True)
 
 
@@ -95,9 +95,9 @@ def _ssd_oracle(d):
 W, S = 16, 3
 
 
-def _swa_make(dtype, lengths, T=70):
+def _swa_make(dtype, lengths, T=70, heads=(4, 2)):
     B, T = (1, sum(lengths)) if lengths else (2, T)
-    q, k, v = testing.swa_inputs(B, T, 4, 2, 20, dtype=dtype, requires_grad=True)
+    q, k, v = testing.swa_inputs(B, T, *heads, 20, dtype=dtype, requires_grad=True)
     return {"q": q, "k": k, "v": v, "cu_seqlens": None if lengths is None else testing.seqlens_to_cu(lengths)}
 
 
@@ -431,6 +431,35 @@ def test_one_and_two_threads_bitwise(op):
     _same(two[1], one[1], f"{op} gradients")
 
 
+# Heads per op where four heads feed one input head's gradient (q/k of the delta rules, B/C of SSD, k/v of
+# attention): a sum of two terms is commutative, so only three or more expose a reduction order.
+CONTENDED_HEADS = {"ssd_chunk_scan": (4, 1), "swa_attention": (4, 1)}
+
+
+@pytest.mark.parametrize("op", [op for op in SPECS if "cpu" in _backends(op)])
+def test_contended_runs_bitwise(op):
+    # A reduction whose order follows thread scheduling (atomics, a shared sum under a dynamic schedule)
+    # stays invisible at the small T above: each task ends before the next starts. At T = 1000 with four
+    # threads on fewer cores, tasks overlap and get preempted, so such an order changes between runs
+    # (measured on a planted atomic sum of the delta rule's shared-head gradients: 10 of 10 runs differ
+    # at T = 1000, none at T = 70 or 300).
+    spec = SPECS[op]
+    d = spec.make(F32, None, T=1000, heads=CONTENDED_HEADS.get(op, (1, 1, 4)))
+    outs, _ = _run(spec, "cpu", d)
+    up = _upstream(outs)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _run(spec, "cpu", d, up)
+        torch.set_num_threads(4)
+        for _ in range(5):
+            again = _run(spec, "cpu", d, up)
+            _same(again[0], one[0], f"{op} outputs, 4 threads vs 1")
+            _same(again[1], one[1], f"{op} gradients, 4 threads vs 1")
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_python_threads_match_serial():
     # 8 threads x 20 calls over every op, three shapes and three dtypes, against the same calls made serially.
     ops = list(SPECS)
@@ -444,3 +473,58 @@ def test_python_threads_match_serial():
         threaded = list(pool.map(lambda j: _run(SPECS[j[0]], _backend.choose(j[0], "cpu"), j[1], None)[0], jobs))
     for (op, _), a, b in zip(jobs, threaded, serial):
         _same(a, b, f"{op} in a thread")
+
+
+# ---------------------------------------------------------------------------------------------
+# Poison and red zones: the guards every kernel test relies on must bite
+# ---------------------------------------------------------------------------------------------
+def test_poison_fills_library_allocations():
+    # tests/conftest.py holds testing.poisoned_allocations open for the session.
+    probe = {"__name__": "ahn_kernels.probe", "torch": torch}
+    exec("def alloc(x):\n    return torch.empty(3, 4), torch.empty_like(x), x.new_empty(2, 5)", probe)
+    for t in probe["alloc"](torch.zeros(7, dtype=torch.bfloat16)):
+        assert torch.isnan(t).all(), "an uninitialised library allocation escaped the poison"
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c[1] != "reference"], ids=_ids)
+def test_every_buffer_inside_red_zones(case):
+    # The kernel tests guard the buffers they hand to launchers; here every input of the public op and every
+    # buffer the library allocates on the way (outputs, gradients, scratch) sits between NaN guards, forward
+    # and backward. Allocations start as NaN too, so finite results also mean every element was written.
+    op, backend = case
+    spec = SPECS[op]
+    d = spec.make(F32, LENGTHS)
+    zoned, checks = {}, []
+    for n, t in d.items():
+        if isinstance(t, torch.Tensor):
+            zoned[n], check = testing.red_zone(tuple(t.shape), t.dtype,
+                                               fill=float("nan") if t.is_floating_point() else 1 << 40)
+            zoned[n].copy_(t.detach()).requires_grad_(t.requires_grad)
+            checks.append(check)
+        else:
+            zoned[n] = t
+    with testing.red_zoned_allocations() as allocated, _backend.use_backend(backend):
+        outs = spec.call(zoned)
+        up = _upstream(outs)
+        leaves = _leaves(zoned) if spec.differentiable else []
+        grads = torch.autograd.grad(outs, leaves, up, allow_unused=True) if leaves else []
+    assert allocated, "the library allocated nothing: the interception is broken"
+    for check in (*checks, *allocated):
+        check()
+    for i, t in enumerate([*outs, *(g for g in grads if g is not None)]):
+        assert torch.isfinite(t).all(), f"{op}/{backend} result {i}: non-finite values"
+
+
+@pytest.mark.parametrize("shape", [(3, 5), (2, 40, 4, 8)])
+def test_red_zone_bites(shape):
+    n = torch.Size(shape).numel()
+    view, check = testing.red_zone(shape, torch.float32)
+    guard = view.untyped_storage().nbytes() // 4 - n
+    assert view.storage_offset() * 2 == guard >= 2 * max(testing.RED_ZONE, n, 256), "each guard: >= 256 elements and the view"
+    view.fill_(1.0)
+    check()
+    for off in (-guard // 2, -1, n, n + guard // 2 - 1):  # the first and last element of each guard
+        view, check = testing.red_zone(shape, torch.float32)
+        view.as_strided((1,), (1,), view.storage_offset() + off).fill_(0.0)
+        with pytest.raises(AssertionError, match="red zone"):
+            check()
