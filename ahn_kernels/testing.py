@@ -269,6 +269,10 @@ def _library_allocations(treat):
     outside the library (tests reserving address space, users) are left alone, and so is
     tracing under ``torch.compile``.
     """
+    # ``with torch.device(...)`` knows its factory functions by identity, from a set built
+    # once on first use: build it from the originals, or it would hold the wrappers and stop
+    # applying to the calls they make (a model built on "meta" would allocate for real).
+    torch.utils._device._device_constructors()
     originals = torch.empty, torch.empty_like, torch.Tensor.new_empty
 
     def intercept(alloc):
