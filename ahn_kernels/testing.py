@@ -11,6 +11,7 @@ import functools
 import sys
 
 import torch
+import torch.utils._device
 
 # ----------------------------------------------------------------------------
 # Tolerances (DESIGN §4): relative RMSE ||out - ref|| / ||ref|| of a kernel

@@ -413,22 +413,27 @@ def test_repeated_runs_bitwise(case):
         _same(again[1], first[1], f"{op}/{backend} gradients")
 
 
-@pytest.mark.parametrize("op", [op for op in SPECS if "cpu" in _backends(op)])
-def test_one_and_two_threads_bitwise(op):
+def _bitwise_across_threads(op, d, threads: int, repeats: int):
+    """Outputs and gradients of the CPU kernel at ``threads`` threads, ``repeats`` times, bitwise those at 1."""
     spec = SPECS[op]
-    d = spec.make(F32, LENGTHS)
     outs, _ = _run(spec, "cpu", d)
     up = _upstream(outs)
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
         one = _run(spec, "cpu", d, up)
-        torch.set_num_threads(2)
-        two = _run(spec, "cpu", d, up)
+        torch.set_num_threads(threads)
+        for _ in range(repeats):
+            again = _run(spec, "cpu", d, up)
+            _same(again[0], one[0], f"{op} outputs, {threads} threads vs 1")
+            _same(again[1], one[1], f"{op} gradients, {threads} threads vs 1")
     finally:
         torch.set_num_threads(before)
-    _same(two[0], one[0], f"{op} outputs")
-    _same(two[1], one[1], f"{op} gradients")
+
+
+@pytest.mark.parametrize("op", [op for op in SPECS if "cpu" in _backends(op)])
+def test_one_and_two_threads_bitwise(op):
+    _bitwise_across_threads(op, SPECS[op].make(F32, LENGTHS), threads=2, repeats=1)
 
 
 # Heads per op where four heads feed one input head's gradient (q/k of the delta rules, B/C of SSD, k/v of
@@ -443,21 +448,8 @@ def test_contended_runs_bitwise(op):
     # threads on fewer cores, tasks overlap and get preempted, so such an order changes between runs
     # (measured on a planted atomic sum of the delta rule's shared-head gradients: 10 of 10 runs differ
     # at T = 1000, none at T = 70 or 300).
-    spec = SPECS[op]
-    d = spec.make(F32, None, T=1000, heads=CONTENDED_HEADS.get(op, (1, 1, 4)))
-    outs, _ = _run(spec, "cpu", d)
-    up = _upstream(outs)
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = _run(spec, "cpu", d, up)
-        torch.set_num_threads(4)
-        for _ in range(5):
-            again = _run(spec, "cpu", d, up)
-            _same(again[0], one[0], f"{op} outputs, 4 threads vs 1")
-            _same(again[1], one[1], f"{op} gradients, 4 threads vs 1")
-    finally:
-        torch.set_num_threads(before)
+    d = SPECS[op].make(F32, None, T=1000, heads=CONTENDED_HEADS.get(op, (1, 1, 4)))
+    _bitwise_across_threads(op, d, threads=4, repeats=5)
 
 
 def test_python_threads_match_serial():
