@@ -6,6 +6,7 @@
 #include "cache/cache.h"
 #include "common/dispatch.h"
 #include "common/isa.h"
+#include "common/l2norm.h"
 
 namespace ahn {
 
@@ -13,25 +14,14 @@ namespace {
 
 constexpr int64_t kMaxDim = 256;   // K and V; the bindings check it
 constexpr int64_t BV = 32;         // state columns per strip
-constexpr float kNormEps = 1e-6f;  // inside the sqrt: x / sqrt(sum x^2 + eps), as fla
 
 template <class T>
 void load_f32(const T* x, int64_t n, float* out) {
   for (int64_t i = 0; i < n; ++i) out[i] = to_f32(x[i]);
 }
 
-// Sixteen interleaved partial sums: GCC vectorises no float reduction without -ffast-math.
-AHN_ISA_CLONES void l2_normalize(float* x, int64_t n) {
-  float part[16] = {};
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16)
-    for (int64_t j = 0; j < 16; ++j) part[j] += x[i + j] * x[i + j];
-  for (; i < n; ++i) part[0] += x[i] * x[i];
-  float ss = 0.f;
-  for (float s : part) ss += s;
-  const float r = 1.f / std::sqrt(ss + kNormEps);
-  for (i = 0; i < n; ++i) x[i] *= r;
-}
+// The shared row norm (common/l2norm.h), built into each ISA clone.
+AHN_ISA_CLONES void normalize_row(float* x, int64_t n) { l2_normalize(x, n); }
 
 // One [K, nc] column strip of the state (row stride ld), nc <= BV, in two passes that
 // keep it in L1: u = w (v - α Sᵀ k) (delta family) or u = w v (ssd); then
@@ -92,8 +82,8 @@ void run_task(const EvictUpdateParams& p, int64_t b, int64_t h) {
     load_f32(static_cast<const T*>(p.q) + b * p.q_sb + hq * p.q_sh, K, q);
     load_f32(static_cast<const T*>(p.k_cache) + b * p.kc_sb + slot * p.kc_st + hk * p.kc_sh, K, k);
     load_f32(static_cast<const T*>(p.v_cache) + b * p.vc_sb + slot * p.vc_st + hk * p.vc_sh, V, v);
-    l2_normalize(q, K);
-    l2_normalize(k, K);
+    normalize_row(q, K);
+    normalize_row(k, K);
     // The decay in double, rounded once: e^(dt A) is not e^(float(dt A)) to float precision.
     float alpha = 1.f;
     if (p.rule == MemoryRule::gated_delta) alpha = float(std::exp(double(gate[1])));

@@ -1,6 +1,6 @@
 // Pieces shared by the chunked delta rule's CPU forward (chunk_cpu.cpp) and backward
-// (chunk_bwd_cpu.cpp): the in-kernel L2 norm (also the fused recurrent kernel's), the
-// unit-lower chunk solve, row prefetch, and the chunks' K Kᵀ formed once per k head.
+// (chunk_bwd_cpu.cpp): the unit-lower chunk solve, row prefetch, and the chunks' K Kᵀ
+// formed once per k head.
 #pragma once
 
 #include <algorithm>
@@ -10,32 +10,13 @@
 #include <vector>
 
 #include "common/cpu_gemm.h"
+#include "common/l2norm.h"
 #include "delta_rule/delta_rule.h"
 
 namespace ahn {
 namespace delta_rule_cpu {
 
-constexpr float kNormEps = 1e-6f;  // inside the sqrt: x / sqrt(sum x^2 + eps), as fla
-constexpr int64_t kPad = 16;       // head-dim and chunk columns are padded to the widest vector (16 fp32)
-
-// 1 / sqrt(sum x^2 + eps) over n contiguous floats.
-AHN_INLINE float rnorm(const float* x, int64_t n) {
-  // Sixteen interleaved partial sums: one running sum is a serial chain of adds that cost
-  // as much as the fused recurrent kernel's strip update at K = 128.
-  float part[16] = {};
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16)
-    for (int64_t j = 0; j < 16; ++j) part[j] += x[i + j] * x[i + j];
-  for (; i < n; ++i) part[0] += x[i] * x[i];
-  float ss = 0.f;
-  for (float s : part) ss += s;
-  return 1.f / std::sqrt(ss + kNormEps);
-}
-
-AHN_INLINE void l2_normalize(float* x, int64_t n) {
-  const float r = rnorm(x, n);
-  for (int64_t i = 0; i < n; ++i) x[i] *= r;
-}
+constexpr int64_t kPad = 16;  // head-dim and chunk columns are padded to the widest vector (16 fp32)
 
 // D[c, VP] <- (I - A)^-1 D for A = Aneg[c, c] (row stride lda) strictly lower, in blocks
 // of 16 rows: the rows above a block enter through one product, the block itself row by row.

@@ -6,7 +6,7 @@
 
 #include "common/dispatch.h"
 #include "common/isa.h"
-#include "delta_rule/chunk_cpu_common.h"
+#include "common/l2norm.h"
 #include "delta_rule/delta_rule.h"
 
 namespace ahn {
@@ -98,8 +98,8 @@ void run_head(const FusedRecurrentParams& p, int64_t n, int64_t h) {
       load_f32(static_cast<const T*>(p.k) + k0 + t * p.k_st, K, kb + r * K);
       load_f32(static_cast<const T*>(p.v) + v0 + t * p.v_st, V, vb + r * VP);
       if (p.l2norm) {
-        delta_rule_cpu::l2_normalize(qb + r * K, K);
-        delta_rule_cpu::l2_normalize(kb + r * K, K);
+        l2_normalize(qb + r * K, K);
+        l2_normalize(kb + r * K, K);
       }
       alpha[r] = p.g ? std::exp(p.g[g0 + t * p.g_st]) : 1.f;
       bt[r] = p.beta[beta0 + t * p.beta_st];
