@@ -7,13 +7,16 @@ a second register and each multiply-add a second instruction. Pointers are
 64-bit either way; an int32 offset is sign-extended when it meets one, so a
 base pointer plus an int32 offset below 2^31 elements is exact.
 
-The launcher decides, from the tensors the launch touches: an offset from a
-tensor's first element is at most its ``reach``, Σ (size - 1)·|stride|. A size-1
-dim adds nothing whatever its stride (its index is 0; Triton passes a stride
->= 2^31 as int64 anyway, so that product is 64-bit on either path), and an empty
-tensor is never read. A kernel that forms a larger offset by its own arithmetic
-(a flat index over padded rows, say) passes it as ``span``. Offsets of masked-off
-lanes may wrap in int32: they are never dereferenced.
+The launcher decides, per launch, from every tensor the kernel touches (inputs,
+outputs and scratch, index tables aside): an offset from a tensor's first
+element is at most its ``reach``, Σ (size - 1)·|stride|. A size-1 dim adds
+nothing whatever its stride (its index is 0; Triton passes an integer argument
+>= 2^31 as int64, so such a stride's product is 64-bit on either path) and an
+empty tensor is never read. Every offset a kernel forms indexes one tensor of
+its launch, flat products over a scratch buffer included (((b·T + t)·H + h)·D
+into a contiguous [B, T, H, D] is at most its numel - 1), so no launch forms a
+larger one; offsets of masked-off lanes (padding rows past T, the slot after a
+sequence's last chunk) may wrap in int32, and are never dereferenced.
 
 The C++ CPU kernels always use int64 (free on x86-64).
 """
@@ -30,10 +33,6 @@ def reach(t) -> int:
     return sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride()))
 
 
-def needs_int64(*tensors, span: int = 0) -> bool:
-    """Whether a launch touching ``tensors`` (None entries skipped) can form an offset >= 2^31 elements.
-
-    ``span``: the largest offset the kernel forms by its own index arithmetic
-    beyond the tensors' reach (0 if none).
-    """
-    return max([span, *(reach(t) for t in tensors if t is not None)]) >= LIMIT
+def needs_int64(*tensors) -> bool:
+    """Whether a launch touching ``tensors`` (None entries skipped) can form an element offset >= 2^31."""
+    return any(reach(t) >= LIMIT for t in tensors if t is not None)

@@ -251,12 +251,11 @@ def swa_bwd(do, dlse, q, k, v, o, lse, window_size, num_sinks, scale, cu_seqlens
     W = window_arg(window_size, T)
     BT, GP, BN, num_warps = bwd_config(D, HQ // HK, q.element_size())
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3])
-    # The preprocess's padded rows reach past delta's end only on masked lanes.
-    int64 = needs_int64(q, k, v, o, do, lse, delta, dlse, dq, dk, dv)
+    int64 = needs_int64(q, k, v, do, lse, delta, dq, dk, dv)  # both gradient kernels
     with device_guard(q):
         swa_bwd_preprocess_kernel[(triton.cdiv(B * T * HQ, BR),)](
             o, do, dlse, delta, B * T * HQ, T, HQ, D, *do.stride()[:3],
-            BR=BR, BD=BD, HAS_DLSE=dlse is not None, INT64=int64)
+            BR=BR, BD=BD, HAS_DLSE=dlse is not None, INT64=needs_int64(o, do, dlse, delta))
         key_blocks, n_keys = query_blocks(cu_seqlens, B, T, BN)
         swa_bwd_dkdv_kernel[(n_keys * HK,)](
             q, k, v, do, lse, delta, dk, dv, cu_seqlens, key_blocks,

@@ -198,7 +198,8 @@ def swa_fwd_kernel(
     m_d = o_d < D
     m_q = m_r[:, None] & m_d[None, :]
 
-    # Bases in the launch's offset type (bos, i_b are INT64-wide): B·T·H·D may pass 2^31.
+    # Bases in the launch's offset type (bos, i_b are INT64-wide): B·T·H·D may pass 2^31. A stride
+    # >= 2^31 (a size-1 dim's, with INT64 off) arrives as int64 from Triton and widens its product.
     p_q = q + i_b * stride_qb + (bos + r_t) * stride_qt + r_h * stride_qh
     b_q = tl.load(p_q[:, None] + o_d[None, :], mask=m_q, other=0.0)
     p_k = k + i_b * stride_kb + bos * stride_kt + i_hk * stride_kh
