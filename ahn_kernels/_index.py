@@ -3,7 +3,8 @@
 The Triton kernels and the CUDA kernel compute element offsets in int32 when no
 offset they form can reach 2^31, and in int64 otherwise (a constexpr ``INT64``
 in Triton, a template parameter in CUDA): 64-bit offsets cost each live offset
-a second register and each multiply-add a second instruction. Pointers are
+a second register and each multiply-add a second instruction. The fused
+recurrent Triton kernel is the exception, int64 always (its module says why). Pointers are
 64-bit either way; an int32 offset is sign-extended when it meets one, so a
 base pointer plus an int32 offset below 2^31 elements is exact.
 

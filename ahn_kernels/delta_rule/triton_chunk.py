@@ -140,7 +140,7 @@ def chunk_state_kernel(
     o_v = i_v * BV + tl.arange(0, BV)
     m_v = o_v < V
     NT = tl.cdiv(M, BT)
-    first = tl.load(first_slot + i_n).to(tl.int64 if INT64 else tl.int32)
+    first = tl.load(first_slot + i_n).to(tl.int64)  # int64 always: int32 spilled 2 words (fp32, C = 32, sm_90)
     p_h = h_start + (first * HS + i_h) * K * V  # S_0 of the current chunk
     for i_k in range(0, tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)

@@ -33,7 +33,6 @@ import torch
 import triton
 import triton.language as tl
 
-from .._index import needs_int64
 from ..triton_aot import AOTCase
 
 BV = 8
@@ -64,7 +63,6 @@ def fused_recurrent_fwd_kernel(
     USE_H0: tl.constexpr,
     STORE_HT: tl.constexpr,
     IS_VARLEN: tl.constexpr,
-    INT64: tl.constexpr,
 ):
     # Axis 0 carries N·HS, which may pass 65,535 (the limit of axes 1 and 2).
     i_nh = tl.program_id(0)
@@ -73,18 +71,21 @@ def fused_recurrent_fwd_kernel(
     i_h = i_nh % HS
     if IS_VARLEN:
         i_b = 0
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64 if INT64 else tl.int32)
-        T_seq = tl.load(cu_seqlens + i_n + 1).to(tl.int64 if INT64 else tl.int32) - bos
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        T_seq = tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos
     else:
-        i_b = i_n.to(tl.int64 if INT64 else tl.int32)
+        i_b = i_n.to(tl.int64)
         bos = 0
         T_seq = T
     i_hq = i_h // (HS // HQ)
     i_hk = i_h // (HS // HK)
     i_hv = i_h // (HS // HV)
 
-    # Base offsets in the launch's offset type (i_b, bos are INT64-wide): B·T·H·D may pass 2^31.
-    # The per-token steps below advance 64-bit pointers by single strides.
+    # Base offsets in int64 (i_b, bos are int64): B·T·H·D may pass 2^31. The
+    # per-token steps below are single strides, which fit in int32. Always int64, unlike the
+    # other kernels (ahn_kernels/_index.py): these offsets are a few scalars, and int32 ones cost
+    # registers here (ptxas, bf16 varlen: +11 / +7 at BK = 128, 40 words spilled at BK = 256 with
+    # odd K, V on sm_80).
     p_q = q + i_b * stride_qb + bos * stride_qt + i_hq * stride_qh
     p_k = k + i_b * stride_kb + bos * stride_kt + i_hk * stride_kh
     p_v = v + i_b * stride_vb + bos * stride_vt + i_hv * stride_vh
@@ -100,7 +101,7 @@ def fused_recurrent_fwd_kernel(
     m_h = m_v[:, None] & m_k[None, :]
     # [K, V] in memory ([N, HS, K, V]), [BV, BK] in registers (module docstring).
     # Entries past K or V stay 0, so they never leak into the reductions.
-    base_h = i_nh.to(tl.int64 if INT64 else tl.int32) * K * V
+    base_h = i_nh.to(tl.int64) * K * V
 
     b_h = tl.zeros([BV, BK], dtype=tl.float32)
     if USE_H0:
@@ -180,7 +181,6 @@ def fused_recurrent_fwd(q, k, v, g, beta, scale, initial_state, cu_seqlens, use_
             USE_H0=initial_state is not None,
             STORE_HT=final_state is not None,
             IS_VARLEN=cu_seqlens is not None,
-            INT64=needs_int64(q, k, v, g, beta, initial_state, o, final_state),
             num_warps=NUM_WARPS,
         )
 
@@ -188,7 +188,7 @@ def fused_recurrent_fwd(q, k, v, g, beta, scale, initial_state, cu_seqlens, use_
 _SIZES = ("T", "HS", "HQ", "HK", "HV", "K", "V")
 
 
-def _aot_case(dtype: str, BK: int, gated: bool, full: bool, aligned: bool, int64: bool = False) -> AOTCase:
+def _aot_case(dtype: str, BK: int, gated: bool, full: bool, aligned: bool) -> AOTCase:
     """One compiled variant as the launcher would specialise it.
 
     ``full`` turns on l2norm, initial state, final state and varlen together.
@@ -212,8 +212,7 @@ def _aot_case(dtype: str, BK: int, gated: bool, full: bool, aligned: bool, int64
             else:
                 types[name] = "i32"
     types["scale"] = "fp32"
-    constexprs.update(BK=BK, BV=BV, USE_G=gated, USE_QK_L2NORM=full, USE_H0=full, STORE_HT=full, IS_VARLEN=full,
-                      INT64=int64)
+    constexprs.update(BK=BK, BV=BV, USE_G=gated, USE_QK_L2NORM=full, USE_H0=full, STORE_HT=full, IS_VARLEN=full)
     divisible = [name for name, t in types.items() if t.startswith("*")]
     if not gated:  # the launcher passes 0 for g's strides
         divisible += ["stride_gb", "stride_gt", "stride_gh"]
@@ -221,15 +220,13 @@ def _aot_case(dtype: str, BK: int, gated: bool, full: bool, aligned: bool, int64
         divisible += ["K", "V"] + [f"stride_{x}{a}" for x in "qkv" for a in "bth"]
     label = f"{dtype}{' gated' if gated else ''}{' all-options' if full else ''}"
     label += ", K,V%16" if aligned else ", odd K,V"
-    label += ", int64" if int64 else ""
     return AOTCase(label, fused_recurrent_fwd_kernel, types, constexprs, NUM_WARPS, divisible=tuple(divisible))
 
 
 # Every BK the launcher picks, in the heaviest variant (gated, every option on)
-# for bf16 with aligned and with odd head dims, the common BK = 128 with 64-bit
-# offsets too; then the other input dtypes and the lightest variant at the largest tile.
+# for bf16 with aligned and with odd head dims; then the other input dtypes and
+# the lightest variant at the largest tile.
 AOT_CASES = [_aot_case("bf16", BK, gated=True, full=True, aligned=True) for BK in (16, 32, 64, 128, 256)] + [
-    _aot_case("bf16", 128, gated=True, full=True, aligned=True, int64=True)] + [
     _aot_case("bf16", BK, gated=True, full=True, aligned=False) for BK in (64, 256)] + [
     _aot_case("fp16", 128, gated=True, full=True, aligned=True),
     _aot_case("fp32", 256, gated=True, full=True, aligned=True),
