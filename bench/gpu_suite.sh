@@ -40,7 +40,7 @@ sanitize() {
   echo "## parity (CUDA and Triton against the fp64 references)"
   timeout 105 "${pytest[@]}" tests/ --ignore=tests/test_gpu_reliability.py || status=1
 
-  echo "## reliability (tiny runs, CUDA graphs, side stream, offsets past 2^31)"
+  echo "## reliability (tiny runs, CUDA graphs, side stream, offsets past 2^31: the int64 paths of Triton and CUDA)"
   timeout 75 "${pytest[@]}" tests/test_gpu_reliability.py || status=1
 
   echo "## sanitizers (compute-sanitizer on $tiny)"

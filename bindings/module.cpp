@@ -183,12 +183,13 @@ PYBIND11_MODULE(_C, m) {
 #ifdef AHN_WITH_CUDA
   m.def(
       "launch_fused_recurrent_fwd_cuda",
-      [](const P& p, std::uintptr_t stream) {
+      [](const P& p, bool int64_offsets, std::uintptr_t stream) {
         check(p);
         py::gil_scoped_release release;
-        ahn::launch_fused_recurrent_fwd_cuda(p, reinterpret_cast<void*>(stream));
+        ahn::launch_fused_recurrent_fwd_cuda(p, int64_offsets, reinterpret_cast<void*>(stream));
       },
-      py::arg("p"), py::arg("stream"),
-      "Enqueue on the cudaStream_t `stream` (int handle, 0 = legacy default); does not synchronise.");
+      py::arg("p"), py::arg("int64_offsets"), py::arg("stream"),
+      "Enqueue on the cudaStream_t `stream` (int handle, 0 = legacy default); does not synchronise. "
+      "`int64_offsets`: compute element offsets in 64 bits (needed when one can reach 2^31).");
 #endif
 }

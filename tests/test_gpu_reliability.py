@@ -32,7 +32,7 @@ import pytest
 import torch
 
 import ahn_kernels as ak
-from ahn_kernels import _backend, testing
+from ahn_kernels import _backend, _index, testing
 from ahn_kernels.cache import reference as cache_ref
 from ahn_kernels.delta_rule import reference as delta_ref
 from ahn_kernels.ssd import reference as ssd_ref
@@ -529,8 +529,10 @@ def _big_inputs(op: str, gap: int) -> tuple[dict, dict]:
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_past_2_31(op, backend):
-    """Far tokens (or the second decode row's cache) start at element 2^31 of one ~4 GiB buffer."""
+    """Far tokens (or the second decode row's cache) start at element 2^31 of one ~4 GiB buffer: the
+    kernels' int64 offsets (ahn_kernels/_index.py) against their int32 ones on the compact inputs."""
     compact, far = _big_inputs(op, GAP)
+    assert not any(_index.needs_int64(t) for t in compact.values()) and any(_index.needs_int64(t) for t in far.values())
     with ak.use_backend(backend):
         _require_kernels(_family_ops(op), backend)
         want = _big_run(op, compact)

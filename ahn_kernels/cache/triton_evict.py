@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 from ..swa.triton_fwd import aot_case, device_guard
+from .._index import needs_int64
 from ..triton_aot import AOTCase
 
 BV = 32
@@ -56,8 +57,9 @@ def ahn_evict_update_kernel(
     BK: tl.constexpr,
     BV: tl.constexpr,
     RULE: tl.constexpr,  # 0 delta, 1 gated delta, 2 ssd
+    INT64: tl.constexpr,
 ):
-    i_b = (tl.program_id(0) // HS).to(tl.int64)
+    i_b = (tl.program_id(0) // HS).to(tl.int64 if INT64 else tl.int32)
     i_h = tl.program_id(0) % HS
     pos = tl.load(cache_seqlens + i_b)
     ring = tl.where(pos >= S, (pos - S) % W, 0)  # C-style % is negative for pos < S; unused there
@@ -139,17 +141,20 @@ def ahn_evict_update(state, q, k_cache, v_cache, gates, gates_new, cache_seqlens
             *gates.stride(), *gates_new.stride(), 0 if A is None else A.stride(0),
             scale,
             BK=_block_k(K), BV=BV, RULE=RULES[rule],
+            INT64=needs_int64(state, q, k_cache, v_cache, gates, gates_new, A, o),
             num_warps=NUM_WARPS,
         )
 
 
-def _evict_case(dtype: str, rule: str, K: int, V: int) -> AOTCase:
-    constexprs = dict(BK=_block_k(K), BV=BV, RULE=RULES[rule])
+def _evict_case(dtype: str, rule: str, K: int, V: int, int64: bool = False) -> AOTCase:
+    constexprs = dict(BK=_block_k(K), BV=BV, RULE=RULES[rule], INT64=int64)
     if rule != "ssd":
         constexprs["A"] = None
-    return aot_case(ahn_evict_update_kernel, constexprs, NUM_WARPS, dtype, f"{rule} K={K} V={V}",
-                    aligned=K % 16 == 0 and V % 16 == 0)
+    return aot_case(ahn_evict_update_kernel, constexprs, NUM_WARPS, dtype,
+                    f"{rule} K={K} V={V}{' int64' if int64 else ''}", aligned=K % 16 == 0 and V % 16 == 0)
 
 
-# The gated rule at the common K = V = 128 and SSD at the largest state, K = V = 256.
-AOT_CASES = [_evict_case("bf16", "gated_delta", 128, 128), _evict_case("bf16", "ssd", 256, 256)]
+# The gated rule at the common K = V = 128 (with 64-bit offsets too) and SSD at the largest state,
+# K = V = 256.
+AOT_CASES = [_evict_case("bf16", "gated_delta", 128, 128), _evict_case("bf16", "gated_delta", 128, 128, int64=True),
+             _evict_case("bf16", "ssd", 256, 256)]

@@ -11,7 +11,7 @@ import functools
 
 import torch
 
-from .. import _backend, _validate as check
+from .. import _backend, _index, _validate as check
 from . import reference
 
 CHUNK_SIZES = (16, 32, 64)
@@ -164,7 +164,8 @@ def run_fused_recurrent(backend, q, k, v, g, beta, scale, initial_state, cu_seql
         _backend._C.launch_fused_recurrent_fwd_cpu(p, torch.get_num_threads())
     else:
         with torch.cuda.device(q.device):  # the launcher targets the current device: make it the tensors'
-            _backend._C.launch_fused_recurrent_fwd_cuda(p, torch.cuda.current_stream(q.device).cuda_stream)
+            _backend._C.launch_fused_recurrent_fwd_cuda(p, _index.needs_int64(q, k, v, g, beta, h0, o, final_state),
+                                                        torch.cuda.current_stream(q.device).cuda_stream)
 
 
 def _chunk_params(q, k, v, g, beta, scale, h0, cu, use_qk_l2norm, chunk_size, lag_window, lag_sinks):

@@ -60,6 +60,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .._index import needs_int64
+
 # aot_case is the backward's (triton_chunk_bwd imports the forward's helpers from here).
 from .triton_chunk_ut import (
     L2NORM_EPS,
@@ -115,6 +117,7 @@ def chunk_state_kernel(
     USE_H0: tl.constexpr,
     STORE_HT: tl.constexpr,
     IS_VARLEN: tl.constexpr,
+    INT64: tl.constexpr,
 ):
     """The chunks of one sequence in order: S_0 -> h_start, Δ -> delta (both [slots, HS, ., V]), final state -> ht.
 
@@ -127,7 +130,7 @@ def chunk_state_kernel(
     i_v = tl.program_id(1)
     i_n = i_nh // HS
     i_h = i_nh % HS
-    i_b, bos, M = _sequence(i_n, cu_seqlens, T, W, S, IS_VARLEN)
+    i_b, bos, M = _sequence(i_n, cu_seqlens, T, W, S, IS_VARLEN, INT64)
     row_kv = bos + S
     i_hk = i_h // (HS // HK)
     i_hv = i_h // (HS // HV)
@@ -137,7 +140,7 @@ def chunk_state_kernel(
     o_v = i_v * BV + tl.arange(0, BV)
     m_v = o_v < V
     NT = tl.cdiv(M, BT)
-    first = tl.load(first_slot + i_n).to(tl.int64)
+    first = tl.load(first_slot + i_n).to(tl.int64)  # int64 always: int32 spilled 2 words (fp32, C = 32, sm_90)
     p_h = h_start + (first * HS + i_h) * K * V  # S_0 of the current chunk
     for i_k in range(0, tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
@@ -145,11 +148,11 @@ def chunk_state_kernel(
         off_h = o_k[:, None] * V + o_v[None, :]
         b_h = tl.zeros([BK, BV], dtype=tl.float32)
         if USE_H0:
-            b_h += tl.load(h0 + i_nh.to(tl.int64) * K * V + off_h, mask=m_h, other=0.0)
+            b_h += tl.load(h0 + i_nh.to(tl.int64 if INT64 else tl.int32) * K * V + off_h, mask=m_h, other=0.0)
         # A sequence without chunks owns no slot: its first slot is the next sequence's.
         tl.store(p_h + off_h, b_h, mask=(o_k[:, None] < tl.where(NT > 0, K, 0)) & m_v[None, :])
         if STORE_HT:
-            tl.store(ht + i_nh.to(tl.int64) * K * V + off_h, b_h, mask=(o_k[:, None] < tl.where(NT == 0, K, 0)) & m_v[None, :])
+            tl.store(ht + i_nh.to(tl.int64 if INT64 else tl.int32) * K * V + off_h, b_h, mask=(o_k[:, None] < tl.where(NT == 0, K, 0)) & m_v[None, :])
 
     for i_t in range(0, NT):
         tl.debug_barrier()  # this chunk's S_0, written by other threads, is visible
@@ -190,7 +193,7 @@ def chunk_state_kernel(
             b_h += _dot_f32(tl.trans(b_k * b_ke[:, None]), b_d, DT)
             tl.store(p_h + HS * K * V + off_h, b_h, mask=(o_k[:, None] < tl.where(i_t < NT - 1, K, 0)) & m_v[None, :])
             if STORE_HT:
-                tl.store(ht + i_nh.to(tl.int64) * K * V + off_h, b_h, mask=(o_k[:, None] < tl.where(i_t == NT - 1, K, 0)) & m_v[None, :])
+                tl.store(ht + i_nh.to(tl.int64 if INT64 else tl.int32) * K * V + off_h, b_h, mask=(o_k[:, None] < tl.where(i_t == NT - 1, K, 0)) & m_v[None, :])
         p_h += HS * K * V
 
 
@@ -212,6 +215,7 @@ def chunk_out_kernel(
     USE_G: tl.constexpr,
     USE_QK_L2NORM: tl.constexpr,
     IS_VARLEN: tl.constexpr,
+    INT64: tl.constexpr,
 ):
     """o = scale · (diag(exp G) Q S_0 + (Q Kᵀ ⊙ Γ) Δ) for one chunk, state head and V tile; o [B, T, HS, V]."""
     i_s = tl.program_id(0)
@@ -221,7 +225,7 @@ def chunk_out_kernel(
     if i_n < 0:
         return
     i_t = tl.load(slots + 2 * i_s + 1)
-    i_b, bos, M = _sequence(i_n, cu_seqlens, T, W, S, IS_VARLEN)
+    i_b, bos, M = _sequence(i_n, cu_seqlens, T, W, S, IS_VARLEN, INT64)
     i_hq = i_h // (HS // HQ)
     i_hk = i_h // (HS // HK)
     DT: tl.constexpr = q.dtype.element_ty
@@ -232,7 +236,7 @@ def chunk_out_kernel(
         b_g = tl.zeros([BT], dtype=tl.float32)
     b_G, b_gamma, _ = _decays(b_g, BT)
 
-    i_s64 = i_s.to(tl.int64)
+    i_s64 = i_s.to(tl.int64 if INT64 else tl.int32)
     o_t = tl.arange(0, BT)
     o_v = i_v * BV + tl.arange(0, BV)
     m_v = o_v < V
@@ -327,14 +331,15 @@ def chunk_fwd_states(q, k, v, g, beta, initial_state, cu_seqlens, use_qk_l2norm,
                 k, g, beta, A, slots, cu_seqlens,
                 T, HS, HK, K, W, S,
                 *k.stride()[:3], *stride_g, *beta.stride(),
-                BT=C, BK=BK, **flags, num_warps=NUM_WARPS)
+                BT=C, BK=BK, **flags, INT64=needs_int64(k, g, beta, A), num_warps=NUM_WARPS)
         if N * HS:
             chunk_state_kernel[(N * HS, triton.cdiv(V, bv))](
                 k, v, g, beta, A, initial_state, h_start, delta, final_state, first, cu_seqlens,
                 T, HS, HK, HV, K, V, W, S,
                 *k.stride()[:3], *v.stride()[:3], *stride_g, *beta.stride(),
                 BT=C, BK=BK, BV=bv, USE_H0=initial_state is not None,
-                STORE_HT=final_state is not None, **flags, num_warps=NUM_WARPS)
+                STORE_HT=final_state is not None, **flags,
+                INT64=needs_int64(k, v, g, beta, A, initial_state, h_start, delta, final_state), num_warps=NUM_WARPS)
     return slots, first, A, h_start, delta
 
 
@@ -374,8 +379,11 @@ def chunk_fwd(q, k, v, g, beta, scale, initial_state, cu_seqlens, use_qk_l2norm,
             *q.stride()[:3], *k.stride()[:3], *stride_g,
             scale,
             BT=chunk_size, BK=min(bk, block_k(K)), BV=bv, USE_G=g is not None, USE_QK_L2NORM=use_qk_l2norm,
-            IS_VARLEN=cu_seqlens is not None, num_warps=NUM_WARPS)
+            IS_VARLEN=cu_seqlens is not None, INT64=needs_int64(q, k, g, h_start, delta, o), num_warps=NUM_WARPS)
 
 
 AOT_CASES = [*aot_corners(chunk_state_kernel, lambda dtype: dict(BK=TILES[dtype][0], BV=TILES[dtype][1])),
-             *aot_corners(chunk_out_kernel, lambda dtype: dict(BK=TILES[dtype][0], BV=TILES[dtype][2]))]
+             *aot_corners(chunk_out_kernel, lambda dtype: dict(BK=TILES[dtype][0], BV=TILES[dtype][2])),
+             # 64-bit offsets, the heaviest corner of the output stage
+             aot_case(chunk_out_kernel, "bf16", full=True, BT=64, BK=TILES[torch.bfloat16][0],
+                      BV=TILES[torch.bfloat16][2], INT64=True)]

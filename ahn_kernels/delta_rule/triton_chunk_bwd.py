@@ -43,6 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._index import needs_int64
 from .triton_chunk import (
     L2NORM_EPS,
     NUM_WARPS,
@@ -85,6 +86,7 @@ def chunk_state_bwd_kernel(
     USE_G: tl.constexpr,
     USE_QK_L2NORM: tl.constexpr,
     IS_VARLEN: tl.constexpr,
+    INT64: tl.constexpr,
 ):
     """The chunks of one sequence in reverse: R -> R [slots, HS, BT, V], dS -> dS_end [slots, HS, K, V], dh0.
 
@@ -97,7 +99,7 @@ def chunk_state_bwd_kernel(
     i_v = tl.program_id(1)
     i_n = i_nh // HS
     i_h = i_nh % HS
-    i_b, bos, M = _sequence(i_n, cu_seqlens, T, W, S, IS_VARLEN)
+    i_b, bos, M = _sequence(i_n, cu_seqlens, T, W, S, IS_VARLEN, INT64)
     row_kv = bos + S
     row_q = row_kv + W
     i_hq = i_h // (HS // HQ)
@@ -108,13 +110,13 @@ def chunk_state_bwd_kernel(
     o_v = i_v * BV + tl.arange(0, BV)
     m_v = o_v < V
     NT = tl.cdiv(M, BT)
-    first = tl.load(first_slot + i_n).to(tl.int64)
-    p_dh0 = dh0 + i_nh.to(tl.int64) * K * V
+    first = tl.load(first_slot + i_n).to(tl.int64 if INT64 else tl.int32)
+    p_dh0 = dh0 + i_nh.to(tl.int64 if INT64 else tl.int32) * K * V
     p_dh = dS_end + ((first + NT - 1) * HS + i_h) * K * V  # dS of the current chunk's end state
     for i_k in range(0, tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         off_h = o_k[:, None] * V + o_v[None, :]
-        b_dh = tl.load(dht + i_nh.to(tl.int64) * K * V + off_h, mask=(o_k[:, None] < K) & m_v[None, :], other=0.0)
+        b_dh = tl.load(dht + i_nh.to(tl.int64 if INT64 else tl.int32) * K * V + off_h, mask=(o_k[:, None] < K) & m_v[None, :], other=0.0)
         # A sequence without chunks owns no slot (its first slot is the next sequence's): dh0 = dht.
         tl.store(p_dh + off_h, b_dh, mask=(o_k[:, None] < tl.where(NT > 0, K, 0)) & m_v[None, :])
         tl.store(p_dh0 + off_h, b_dh, mask=(o_k[:, None] < tl.where(NT == 0, K, 0)) & m_v[None, :])
@@ -183,11 +185,12 @@ def chunk_grad_reduce_kernel(
     BR: tl.constexpr,
     BD: tl.constexpr,
     USE_QK_L2NORM: tl.constexpr,
+    INT64: tl.constexpr,
 ):
     """dx[b, t, h] = l2norm_bwd(x[b, t, h], Σ_{j<G} part[b, t, h·G + j]); part [B, T, H·G, D] fp32."""
     i_r = tl.program_id(0)
     i_h = tl.program_id(1)
-    o_r = (i_r * BR + tl.arange(0, BR)).to(tl.int64)  # flattened b·T + t
+    o_r = (i_r * BR + tl.arange(0, BR)).to(tl.int64 if INT64 else tl.int32)  # flattened b·T + t
     o_d = tl.arange(0, BD)
     m = (o_r[:, None] < n_rows) & (o_d[None, :] < D)
     b_dy = tl.zeros([BR, BD], dtype=tl.float32)
@@ -209,7 +212,7 @@ def _reduce(x, part, dx, use_qk_l2norm):
         x, part, dx,
         T, H, part.shape[2] // H, D, B * T,
         *x.stride()[:3],
-        BR=BR, BD=block_k(D), USE_QK_L2NORM=use_qk_l2norm, num_warps=NUM_WARPS)
+        BR=BR, BD=block_k(D), USE_QK_L2NORM=use_qk_l2norm, INT64=needs_int64(x, part, dx), num_warps=NUM_WARPS)
 
 
 def chunk_bwd(grad_o, grad_ht, q, k, v, g, beta, scale, initial_state, cu_seqlens, use_qk_l2norm, chunk_size,
@@ -260,25 +263,29 @@ def chunk_bwd(grad_o, grad_ht, q, k, v, g, beta, scale, initial_state, cu_seqlen
                 T, HS, HQ, HK, K, V, W, S,
                 *strides,
                 scale,
-                BT=C, BK=STATE_BK, BV=BV, USE_QK_L2NORM=use_qk_l2norm, **flags)
+                BT=C, BK=STATE_BK, BV=BV, USE_QK_L2NORM=use_qk_l2norm, **flags,
+                INT64=needs_int64(q, k, grad_o, g, beta, A, grad_ht, R, dS_end, dh0))
         if NS * HS:
             chunk_grad_state_kernel[(NS, HS, triton.cdiv(K, bk))](
                 q, k, grad_o, g, beta, h_start, delta, R, dS_end, dq_part, dk_part, sums, slots, cu_seqlens,
                 T, HS, HQ, HK, K, V, W, S,
                 *strides,
                 scale,
-                BT=C, BK=bk, BV=BV, **flags)
+                BT=C, BK=bk, BV=BV, **flags,
+                INT64=needs_int64(q, k, grad_o, g, beta, h_start, delta, R, dS_end, dq_part, dk_part, sums))
             chunk_grad_kernel[(NS, HS)](
                 q, k, v, grad_o, g, beta, delta, R, sums, dv_part, dbeta, dg, dtt, norms, slots, cu_seqlens,
                 T, HS, HQ, HK, HV, K, V, W, S,
                 *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *grad_o.stride()[:3], *stride_g, *beta.stride(),
                 scale,
-                BT=C, BK=bk, BV=BV, USE_QK_L2NORM=use_qk_l2norm, **flags)
+                BT=C, BK=bk, BV=BV, USE_QK_L2NORM=use_qk_l2norm, **flags,
+                INT64=needs_int64(q, k, v, grad_o, g, beta, delta, R, sums, dv_part, dbeta, dg, dtt, norms))
             chunk_grad_intra_kernel[(NS, HS, triton.cdiv(K, bk))](
                 q, k, dtt, norms, dq_part, dk_part, slots, cu_seqlens,
                 T, HS, HQ, HK, K, W, S,
                 *q.stride()[:3], *k.stride()[:3],
-                BT=C, BK=bk, IS_VARLEN=cu_seqlens is not None, num_warps=NUM_WARPS)
+                BT=C, BK=bk, IS_VARLEN=cu_seqlens is not None, INT64=needs_int64(q, k, dtt, norms, dq_part, dk_part),
+                num_warps=NUM_WARPS)
         _reduce(q, dq_part, dq, use_qk_l2norm)
         _reduce(k, dk_part, dk, use_qk_l2norm)
         _reduce(v, dv_part, dv, False)

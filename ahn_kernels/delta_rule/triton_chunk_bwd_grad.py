@@ -53,6 +53,7 @@ def chunk_grad_state_kernel(
     BV: tl.constexpr,
     USE_G: tl.constexpr,
     IS_VARLEN: tl.constexpr,
+    INT64: tl.constexpr,
 ):
     """dq, dk state terms of one chunk, state head and K slice into dq_part, dk_part [B, T, HS, K]
     (fp32, w.r.t. q̂, k̂); row sums with the raw q, k into sums [slots, HS, cdiv(K, BK), 4, BT]:
@@ -66,11 +67,11 @@ def chunk_grad_state_kernel(
     if i_n < 0:
         return
     i_t = tl.load(slots + 2 * i_s + 1)
-    i_b, bos, M = _sequence(i_n, cu_seqlens, T, W, S, IS_VARLEN)
+    i_b, bos, M = _sequence(i_n, cu_seqlens, T, W, S, IS_VARLEN, INT64)
     i_hq = i_h // (HS // HQ)
     i_hk = i_h // (HS // HK)
     DT: tl.constexpr = q.dtype.element_ty
-    i_s64 = i_s.to(tl.int64)
+    i_s64 = i_s.to(tl.int64 if INT64 else tl.int32)
 
     o_t = tl.arange(0, BT)
     o_r = i_t * BT + o_t
@@ -106,7 +107,7 @@ def chunk_grad_state_kernel(
     b_eG = tl.exp(b_G)
     b_e = tl.exp(tl.sum(b_g, axis=0) - b_G)
     m_out = (o_r < M)[:, None] & m_k[None, :]
-    row_kv = bos + S + o_r  # [BT] int64
+    row_kv = bos + S + o_r  # [BT], INT64-wide
     tl.store(dq_part + ((i_b * T + row_kv[:, None] + W) * HS + i_h) * K + o_k[None, :], b_dqg * b_eG[:, None],
              mask=m_out)
     tl.store(dk_part + ((i_b * T + row_kv[:, None]) * HS + i_h) * K + o_k[None, :],
@@ -142,6 +143,7 @@ def chunk_grad_kernel(
     USE_G: tl.constexpr,
     USE_QK_L2NORM: tl.constexpr,
     IS_VARLEN: tl.constexpr,
+    INT64: tl.constexpr,
 ):
     """dv_part [B, T, HS, V], dbeta and dg [B, T, HS] of one chunk and state head (fp32); the
     gradients w.r.t. Q̂ K̂ᵀ (lower) and K̂ K̂ᵀ (symmetric) into dtt [slots, HS, 2, BT, BT] and the
@@ -152,17 +154,17 @@ def chunk_grad_kernel(
     if i_n < 0:
         return
     i_t = tl.load(slots + 2 * i_s + 1)
-    i_b, bos, M = _sequence(i_n, cu_seqlens, T, W, S, IS_VARLEN)
+    i_b, bos, M = _sequence(i_n, cu_seqlens, T, W, S, IS_VARLEN, INT64)
     i_hq = i_h // (HS // HQ)
     i_hk = i_h // (HS // HK)
     i_hv = i_h // (HS // HV)
     DT: tl.constexpr = q.dtype.element_ty
-    i_s64 = i_s.to(tl.int64)
+    i_s64 = i_s.to(tl.int64 if INT64 else tl.int32)
 
     o_t = tl.arange(0, BT)
     o_r = i_t * BT + o_t
     m_r = o_r < M
-    row_kv = bos + S + o_r  # [BT] int64
+    row_kv = bos + S + o_r  # [BT], INT64-wide
 
     # dO Δᵀ and R Δᵀ over V tiles, and dv = diag(β) R.
     b_beta = _load_gate(beta, i_b, bos + S, i_h, M, stride_betab, stride_betat, stride_betah, i_t, BT)
@@ -264,6 +266,7 @@ def chunk_grad_intra_kernel(
     BT: tl.constexpr,
     BK: tl.constexpr,
     IS_VARLEN: tl.constexpr,
+    INT64: tl.constexpr,
 ):
     """dq_part += dA K̂ and dk_part += dAᵀ Q̂ + dB K̂ ([B, T, HS, K] fp32) for one chunk, state head and
     K slice, with dA, dB = dtt [slots, HS, 2, BT, BT] and r_q, r_k = norms [slots, HS, 2, BT]."""
@@ -274,16 +277,16 @@ def chunk_grad_intra_kernel(
     if i_n < 0:
         return
     i_t = tl.load(slots + 2 * i_s + 1)
-    i_b, bos, M = _sequence(i_n, cu_seqlens, T, W, S, IS_VARLEN)
+    i_b, bos, M = _sequence(i_n, cu_seqlens, T, W, S, IS_VARLEN, INT64)
     i_hq = i_h // (HS // HQ)
     i_hk = i_h // (HS // HK)
     DT: tl.constexpr = q.dtype.element_ty
-    i_s64 = i_s.to(tl.int64)
+    i_s64 = i_s.to(tl.int64 if INT64 else tl.int32)
 
     o_t = tl.arange(0, BT)
     o_r = i_t * BT + o_t
     o_k = i_k * BK + tl.arange(0, BK)
-    row_kv = bos + S + o_r  # [BT] int64
+    row_kv = bos + S + o_r  # [BT], INT64-wide
     m_out = (o_r < M)[:, None] & (o_k < K)[None, :]
     p_norms = norms + (i_s64 * HS + i_h) * 2 * BT
     p_tt = dtt + (i_s64 * HS + i_h) * 2 * BT * BT
@@ -311,8 +314,9 @@ def chunk_grad_intra_kernel(
 
 
 def _aot_cases():
-    """The three kernels in bf16 and fp32 with every option on (K and V are loop counts)."""
-    cases = []
+    """The three kernels in bf16 and fp32 with every option on (K and V are loop counts); the
+    gradient kernel in bf16 with 64-bit offsets too."""
+    cases = [aot_case(chunk_grad_kernel, "bf16", full=True, BT=64, BK=BK, BV=BV, INT64=True)]
     for dtype in ("bf16", "fp32"):
         cases += [aot_case(chunk_grad_state_kernel, dtype, full=True, BT=64, BK=BK, BV=BV),
                   aot_case(chunk_grad_kernel, dtype, full=True, BT=64, BK=BK, BV=BV),

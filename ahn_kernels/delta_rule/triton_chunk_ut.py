@@ -80,16 +80,16 @@ def _dot_f32(a, b, DT: tl.constexpr):
 
 
 @triton.jit
-def _sequence(i_n, cu_seqlens, T, W, S, IS_VARLEN: tl.constexpr):
-    """(batch index, first row, memory steps) of sequence i_n, int64 (B·T·H·D may pass 2^31)."""
+def _sequence(i_n, cu_seqlens, T, W, S, IS_VARLEN: tl.constexpr, INT64: tl.constexpr):
+    """(batch index, first row, memory steps) of sequence i_n in the launch's offset type (B·T·H·D may pass 2^31)."""
     if IS_VARLEN:
-        i_b = tl.zeros([], dtype=tl.int64)
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        n_rows = tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos
+        i_b = tl.zeros([], dtype=tl.int64 if INT64 else tl.int32)
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64 if INT64 else tl.int32)
+        n_rows = tl.load(cu_seqlens + i_n + 1).to(tl.int64 if INT64 else tl.int32) - bos
     else:
-        i_b = i_n.to(tl.int64)
-        bos = tl.zeros([], dtype=tl.int64)
-        n_rows = tl.zeros([], dtype=tl.int64) + T
+        i_b = i_n.to(tl.int64 if INT64 else tl.int32)
+        bos = tl.zeros([], dtype=tl.int64 if INT64 else tl.int32)
+        n_rows = tl.zeros([], dtype=tl.int64 if INT64 else tl.int32) + T
     return i_b, bos, tl.maximum(n_rows - W - S, 0)
 
 
@@ -203,6 +203,7 @@ def chunk_ut_kernel(
     USE_G: tl.constexpr,
     USE_QK_L2NORM: tl.constexpr,
     IS_VARLEN: tl.constexpr,
+    INT64: tl.constexpr,
 ):
     """A = (I + strict_lower(diag(β) K Kᵀ ⊙ Γ))^-1 per chunk and state head, fp32, into A [slots, HS, BT, BT]."""
     i_s = tl.program_id(0)
@@ -211,7 +212,7 @@ def chunk_ut_kernel(
     if i_n < 0:  # slot past the last chunk (the grid is an upper bound under varlen)
         return
     i_t = tl.load(slots + 2 * i_s + 1)
-    i_b, bos, M = _sequence(i_n, cu_seqlens, T, W, S, IS_VARLEN)
+    i_b, bos, M = _sequence(i_n, cu_seqlens, T, W, S, IS_VARLEN, INT64)
     row_kv = bos + S
     DT: tl.constexpr = k.dtype.element_ty
 
@@ -237,7 +238,7 @@ def chunk_ut_kernel(
         else:
             b_g = tl.zeros([BT], dtype=tl.float32)
         _, b_gamma, _ = _decays(b_g, BT)
-        p_A = A + (i_s.to(tl.int64) * HS + i_h) * BT * BT
+        p_A = A + (i_s.to(tl.int64 if INT64 else tl.int32) * HS + i_h) * BT * BT
         tl.store(p_A + o_t[:, None] * BT + o_t[None, :], tl.where(m_strict, b_beta[:, None] * b_kk * b_gamma, 0.0))
         tl.debug_barrier()  # L, written in one layout, is read back in blocks by other threads
         _unit_lower_inverse(p_A, BT, DT)
@@ -253,11 +254,11 @@ def aot_case(kernel, dtype: str, *, full: bool, aligned: bool = True, must_not_s
     """One compiled variant of a kernel of this stem as its launcher specialises it.
 
     ``full`` turns gating, l2 norm, h0, the final state and varlen on together (else all off,
-    with the optional pointers absent). ``aligned``: head dims multiples of 16 with contiguous
+    with the optional pointers absent); 32-bit offsets unless ``constexprs`` sets INT64. ``aligned``: head dims multiples of 16 with contiguous
     gates (every pointer, K, V and the q/k/v strides divisible by 16, unit gate head strides);
     otherwise only the pointers are aligned, as for K = V = 60.
     """
-    flags = {"USE_G": full, "USE_QK_L2NORM": full, "USE_H0": full, "STORE_HT": full, "IS_VARLEN": full}
+    flags = {"USE_G": full, "USE_QK_L2NORM": full, "USE_H0": full, "STORE_HT": full, "IS_VARLEN": full, "INT64": False}
     absent = set() if full else {"g", "h0", "ht", "cu_seqlens"}
     types, cx, divisible = {}, {}, []
     for name in kernel.arg_names:
@@ -282,6 +283,7 @@ def aot_case(kernel, dtype: str, *, full: bool, aligned: bool = True, must_not_s
                            f"*{dtype}" if name in _INPUT_DTYPE else "*fp32")
             divisible.append(name)
     label = f"{dtype}{' all-options' if full else ''}{', K,V%16' if aligned else ', odd K,V'}"
+    label += ", int64" if cx.get("INT64") else ""
     return AOTCase(label, kernel, types, cx, NUM_WARPS, divisible=tuple(divisible), must_not_spill=must_not_spill)
 
 

@@ -82,7 +82,10 @@ def fused_recurrent_fwd_kernel(
     i_hv = i_h // (HS // HV)
 
     # Base offsets in int64 (i_b, bos are int64): B·T·H·D may pass 2^31. The
-    # per-token steps below are single strides, which fit in int32.
+    # per-token steps below are single strides, which fit in int32. Always int64, unlike the
+    # other kernels (ahn_kernels/_index.py): these offsets are a few scalars, and int32 ones cost
+    # registers here (ptxas, bf16 varlen: +11 / +7 at BK = 128, 40 words spilled at BK = 256 with
+    # odd K, V on sm_80).
     p_q = q + i_b * stride_qb + bos * stride_qt + i_hq * stride_qh
     p_k = k + i_b * stride_kb + bos * stride_kt + i_hk * stride_kh
     p_v = v + i_b * stride_vb + bos * stride_vt + i_hv * stride_vh

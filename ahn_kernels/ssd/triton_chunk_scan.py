@@ -25,6 +25,7 @@ import math
 import triton
 import triton.language as tl
 
+from .._index import needs_int64
 from . import triton_chunk_state as cs
 from .triton_chunk_state import chunk_of
 
@@ -69,11 +70,12 @@ def ssd_chunk_scan_kernel(
     HAS_Z: tl.constexpr,
     GATE: tl.constexpr,
     IS_VARLEN: tl.constexpr,
+    INT64: tl.constexpr,
 ):
-    i_c = tl.program_id(0).to(tl.int64)
+    i_c = tl.program_id(0).to(tl.int64 if INT64 else tl.int32)
     i_h = tl.program_id(1)
     i_mp = tl.program_id(2)
-    i_n, i_b, bos, M, k = chunk_of(i_c, cu_seqlens, chunk_seq, chunk_first, T, N, NC_SEQ, W, S, IS_VARLEN)
+    i_n, i_b, bos, M, k = chunk_of(i_c, cu_seqlens, chunk_seq, chunk_first, T, N, NC_SEQ, W, S, IS_VARLEN, INT64)
     n_ptiles = tl.cdiv(P, BP)
     i_m = i_mp // n_ptiles
     if (i_n >= N) | (k * L + i_m * BM >= M):
@@ -83,7 +85,7 @@ def ssd_chunk_scan_kernel(
     o_p = (i_mp % n_ptiles) * BP + tl.arange(0, BP)
     m_i = k * L + o_i < M
     m_p = o_p < P
-    # int64 base pointers at the chunk's first kv row (x, B) and first output row (C, z, out, x of
+    # base pointers (offsets INT64-wide) at the chunk's first kv row (x, B) and first output row (C, z, out, x of
     # the epilogue); the offsets within a chunk fit in int32
     r0 = bos + S + k * L
     base_a = (i_c * H + i_h) * L
@@ -149,15 +151,16 @@ def ssd_empty_rows_kernel(
     HAS_Z: tl.constexpr,
     GATE: tl.constexpr,
     IS_VARLEN: tl.constexpr,
+    INT64: tl.constexpr,
 ):
-    i_r = tl.program_id(0).to(tl.int64)
+    i_r = tl.program_id(0).to(tl.int64 if INT64 else tl.int32)
     i_h = tl.program_id(1)
     i_p = tl.program_id(2)
     o_r = i_r * BM + tl.arange(0, BM)  # rows of the flat [B * T] axis
     if IS_VARLEN:
         # the last sequence n with cu_seqlens[n] <= row (empty sequences are skipped that way)
-        lo = tl.zeros([BM], dtype=tl.int64)
-        hi = tl.zeros([BM], dtype=tl.int64) + N - 1
+        lo = tl.zeros([BM], dtype=tl.int64 if INT64 else tl.int32)
+        hi = tl.zeros([BM], dtype=tl.int64 if INT64 else tl.int32) + N - 1
         for _ in range(SEARCH_STEPS):
             mid = (lo + hi + 1) // 2
             below = tl.load(cu_seqlens + mid) <= o_r
@@ -208,7 +211,8 @@ def chunk_scan(x, B, C, D, z, dt_out, dA_cs, h_in, lay, out, gate=True):
             x, B, C, D, z, dt_out, dA_cs, h_in, *lay.args(), out,
             T, H, G, P, NS, lay.N, lay.NC_SEQ, lay.W, lay.S,
             *x.stride()[:3], *B.stride()[:3], *C.stride()[:3], *z_strides, *out.stride()[:3], D_sh, D_sp,
-            L=lay.L, BM=bm, BP=BP, BN=BN, **flags, num_warps=NUM_WARPS,
+            L=lay.L, BM=bm, BP=BP, BN=BN, **flags, INT64=needs_int64(x, B, C, D, z, dt_out, dA_cs, h_in, out),
+            num_warps=NUM_WARPS,
         )
     lag = lay.W + lay.S
     if lag and Bsz * T * H:
@@ -217,7 +221,7 @@ def chunk_scan(x, B, C, D, z, dt_out, dA_cs, h_in, lay, out, gate=True):
         ssd_empty_rows_kernel[grid](
             x, D, z, lay.cu, out, T, H, P, lay.N, lag, steps,
             *x.stride()[:3], *z_strides, *out.stride()[:3], D_sh, D_sp,
-            BM=BM_EMPTY, BP=BP, **flags, num_warps=NUM_WARPS,
+            BM=BM_EMPTY, BP=BP, **flags, INT64=needs_int64(x, D, z, out), num_warps=NUM_WARPS,
         )
 
 
@@ -263,5 +267,6 @@ def _empty_case(dtype, varlen):
 
 AOT_CASES = [
     _scan_case("bf16", 256, True), _scan_case("bf16", 64, False), _scan_case("fp32", 256, True),
+    cs.int64_case(_scan_case("bf16", 256, True)),
     _scan_case("fp16", 64, True, gate=False), _empty_case("bf16", True), _empty_case("fp32", False),
 ]

@@ -46,6 +46,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from .._index import needs_int64
 from . import triton_chunk_scan as scan
 from . import triton_chunk_state as cs
 from .triton_chunk_state import chunk_of
@@ -71,11 +72,12 @@ def ssd_bwd_dx_kernel(
     BP: tl.constexpr,
     BN: tl.constexpr,
     IS_VARLEN: tl.constexpr,
+    INT64: tl.constexpr,
 ):
-    i_c = tl.program_id(0).to(tl.int64)
+    i_c = tl.program_id(0).to(tl.int64 if INT64 else tl.int32)
     i_h = tl.program_id(1)
     i_jp = tl.program_id(2)
-    i_n, i_b, bos, M, k = chunk_of(i_c, cu_seqlens, chunk_seq, chunk_first, T, N, NC_SEQ, W, S, IS_VARLEN)
+    i_n, i_b, bos, M, k = chunk_of(i_c, cu_seqlens, chunk_seq, chunk_first, T, N, NC_SEQ, W, S, IS_VARLEN, INT64)
     if i_n >= N:
         return
     n_ptiles = tl.cdiv(P, BP)
@@ -144,12 +146,13 @@ def ssd_bwd_dbc_kernel(
     BN: tl.constexpr,
     FOR_B: tl.constexpr,
     IS_VARLEN: tl.constexpr,
+    INT64: tl.constexpr,
 ):
     """dB (FOR_B: block rows are j, the others i >= j) or dC (block rows are i, the others j <= i), per head."""
-    i_c = tl.program_id(0).to(tl.int64)
+    i_c = tl.program_id(0).to(tl.int64 if INT64 else tl.int32)
     i_h = tl.program_id(1)
     i_rn = tl.program_id(2)
-    i_n, i_b, bos, M, k = chunk_of(i_c, cu_seqlens, chunk_seq, chunk_first, T, N, NC_SEQ, W, S, IS_VARLEN)
+    i_n, i_b, bos, M, k = chunk_of(i_c, cu_seqlens, chunk_seq, chunk_first, T, N, NC_SEQ, W, S, IS_VARLEN, INT64)
     if i_n >= N:
         return
     n_ntiles = tl.cdiv(NS, BN)
@@ -265,13 +268,14 @@ def ssd_bwd_dda_kernel(
     BP: tl.constexpr,
     BN: tl.constexpr,
     IS_VARLEN: tl.constexpr,
+    INT64: tl.constexpr,
 ):
     """The terms of dda (module docstring) that row block i_m holds as readouts (rows i) and keys (rows j),
     for every slot k of the chunk: dda[c, h, i_m, :]; the driver sums the row blocks."""
-    i_c = tl.program_id(0).to(tl.int64)
+    i_c = tl.program_id(0).to(tl.int64 if INT64 else tl.int32)
     i_h = tl.program_id(1)
     i_m = tl.program_id(2)
-    i_n, i_b, bos, M, k = chunk_of(i_c, cu_seqlens, chunk_seq, chunk_first, T, N, NC_SEQ, W, S, IS_VARLEN)
+    i_n, i_b, bos, M, k = chunk_of(i_c, cu_seqlens, chunk_seq, chunk_first, T, N, NC_SEQ, W, S, IS_VARLEN, INT64)
     if (i_n >= N) | (k * L + i_m * BM >= M):  # padding slots only: their zeros are already there
         return
     i_g = i_h // (H // G)
@@ -421,14 +425,15 @@ def ssd_chunk_scan_bwd(dout, dfinal, x, dt, A, B, C, chunk_size, D, z, dt_bias, 
         sizes = (T, H, G, P, NS, lay.N, lay.NC_SEQ, lay.W, lay.S)
         strides = (*B.stride()[:3], *C.stride()[:3], *dy.stride()[:3])
         ssd_bwd_dx_kernel[(lay.NC, H, n_blocks * triton.cdiv(P, BP))](
-            B, C, dy, dA_cs, dstates, *lay.args(), dxdt, *sizes, *strides, **meta)
+            B, C, dy, dA_cs, dstates, *lay.args(), dxdt, *sizes, *strides, **meta,
+            INT64=needs_int64(B, C, dy, dA_cs, dstates, dxdt))
         for for_b, out in ((True, dBh), (False, dCh)):
             ssd_bwd_dbc_kernel[(lay.NC, H, n_blocks * triton.cdiv(NS, BN))](
                 x, B, C, dy, dt_out, dA_cs, h_in, dstates, *lay.args(), out, *sizes, *x.stride()[:3], *strides,
-                FOR_B=for_b, **meta)
+                FOR_B=for_b, **meta, INT64=needs_int64(x, B, C, dy, dt_out, dA_cs, h_in, dstates, out))
         ssd_bwd_dda_kernel[(lay.NC, H, n_blocks)](
             x, B, C, dy, dt_out, dA_cs, h_in, dstates, *lay.args(), dda, *sizes, *x.stride()[:3], *strides,
-            **dict(meta, BP=BK_DDA, BN=BK_DDA))
+            **dict(meta, BP=BK_DDA, BN=BK_DDA), INT64=needs_int64(x, B, C, dy, dt_out, dA_cs, h_in, dstates, dda))
 
     kv, q = _slot_rows(lay, Bsz, x.device)
     dt_slot = dt_out.transpose(1, 2).reshape(-1, H)  # [NC * L, H]
@@ -489,5 +494,5 @@ def _dda_case(dtype, L, varlen):
 AOT_CASES = [
     _dx_case("bf16", 256, True), _dx_case("fp32", 64, False),
     _dbc_case("bf16", 256, True, True), _dbc_case("bf16", 256, False, True), _dbc_case("fp32", 64, True, False),
-    _dda_case("bf16", 256, True), _dda_case("fp32", 64, False),
+    _dda_case("bf16", 256, True), _dda_case("fp32", 64, False), cs.int64_case(_dx_case("bf16", 256, True)),
 ]

@@ -33,11 +33,13 @@ Native bf16/fp16 dots for 16-bit inputs are the first thing to tune.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import torch
 import triton
 import triton.language as tl
 
+from .._index import needs_int64
 from ..triton_aot import AOTCase
 
 BT, BP, BN = 32, 32, 32
@@ -46,18 +48,19 @@ NUM_WARPS = 4
 
 
 @triton.jit
-def chunk_of(i_c, cu_seqlens, chunk_seq, chunk_first, T, N, NC_SEQ, W, S, IS_VARLEN: tl.constexpr):
+def chunk_of(i_c, cu_seqlens, chunk_seq, chunk_first, T, N, NC_SEQ, W, S, IS_VARLEN: tl.constexpr,
+             INT64: tl.constexpr):
     """(sequence, batch row, bos, absorbed-token count M, chunk index k within the sequence) of flat chunk i_c.
 
     The sequence is N for a slot past the last chunk (varlen upper bound): the caller returns.
     """
     if IS_VARLEN:
-        i_n = tl.load(chunk_seq + i_c).to(tl.int64)
+        i_n = tl.load(chunk_seq + i_c).to(tl.int64 if INT64 else tl.int32)
         i_b = i_n * 0
         if i_n < N:
-            bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-            eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
-            k = i_c - tl.load(chunk_first + i_n).to(tl.int64)
+            bos = tl.load(cu_seqlens + i_n).to(tl.int64 if INT64 else tl.int32)
+            eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64 if INT64 else tl.int32)
+            k = i_c - tl.load(chunk_first + i_n).to(tl.int64 if INT64 else tl.int32)
         else:
             bos = i_n * 0
             eos = i_n * 0
@@ -86,10 +89,11 @@ def ssd_chunk_cumsum_kernel(
     DT_SOFTPLUS: tl.constexpr,
     HAS_DT_BIAS: tl.constexpr,
     IS_VARLEN: tl.constexpr,
+    INT64: tl.constexpr,
 ):
-    i_c = tl.program_id(0).to(tl.int64)
+    i_c = tl.program_id(0).to(tl.int64 if INT64 else tl.int32)
     i_h = tl.program_id(1)
-    i_n, i_b, bos, M, k = chunk_of(i_c, cu_seqlens, chunk_seq, chunk_first, T, N, NC_SEQ, W, S, IS_VARLEN)
+    i_n, i_b, bos, M, k = chunk_of(i_c, cu_seqlens, chunk_seq, chunk_first, T, N, NC_SEQ, W, S, IS_VARLEN, INT64)
     if i_n >= N:
         return
     o_i = tl.arange(0, L)
@@ -124,11 +128,12 @@ def ssd_chunk_state_kernel(
     BN: tl.constexpr,
     FROM_START: tl.constexpr,
     IS_VARLEN: tl.constexpr,
+    INT64: tl.constexpr,
 ):
-    i_c = tl.program_id(0).to(tl.int64)
+    i_c = tl.program_id(0).to(tl.int64 if INT64 else tl.int32)
     i_h = tl.program_id(1)
     i_pn = tl.program_id(2)
-    i_n, i_b, bos, M, k = chunk_of(i_c, cu_seqlens, chunk_seq, chunk_first, T, N, NC_SEQ, W, S, IS_VARLEN)
+    i_n, i_b, bos, M, k = chunk_of(i_c, cu_seqlens, chunk_seq, chunk_first, T, N, NC_SEQ, W, S, IS_VARLEN, INT64)
     if i_n >= N:
         return
     n_ntiles = tl.cdiv(NS, BN)
@@ -137,7 +142,7 @@ def ssd_chunk_state_kernel(
     m_p = o_p < P
     m_n = o_n < NS
     base_a = (i_c * H + i_h) * L
-    # int64 base pointers at the chunk's first row; the offsets within a chunk fit in int32
+    # base pointers (offsets INT64-wide) at the chunk's first row; the offsets within a chunk fit in int32
     r0 = bos + S + SHIFT + k * L
     p_u = u + i_b * stride_ub + i_h * stride_uh + r0 * stride_ut
     p_v = v + i_b * stride_vb + (i_h // (H // G)) * stride_vg + r0 * stride_vt
@@ -171,14 +176,15 @@ def ssd_state_pass_kernel(
     REVERSE: tl.constexpr,
     HAS_H0: tl.constexpr,
     IS_VARLEN: tl.constexpr,
+    INT64: tl.constexpr,
 ):
-    i_n = tl.program_id(0).to(tl.int64)
+    i_n = tl.program_id(0).to(tl.int64 if INT64 else tl.int32)
     i_h = tl.program_id(1)
     i_t = tl.program_id(2)
     if IS_VARLEN:
         M = tl.maximum(tl.load(cu_seqlens + i_n + 1) - tl.load(cu_seqlens + i_n) - W - S, 0)
         n_chunks = tl.cdiv(M, L)
-        first = tl.load(chunk_first + i_n).to(tl.int64)
+        first = tl.load(chunk_first + i_n).to(tl.int64 if INT64 else tl.int32)
     else:
         n_chunks = NC_SEQ
         first = i_n * NC_SEQ
@@ -251,6 +257,7 @@ def chunk_cumsum(dt, A, dt_bias, dt_softplus, dt_min, dt_max, lay):
             dt, A, dt_bias, *lay.args(), dt_out, dA_cs,
             lay.T, H, lay.N, lay.NC_SEQ, lay.W, lay.S, *dt.stride(), dt_min, dt_max,
             L=lay.L, DT_SOFTPLUS=dt_softplus, HAS_DT_BIAS=dt_bias is not None, IS_VARLEN=lay.cu is not None,
+            INT64=needs_int64(dt, A, dt_bias, dt_out, dA_cs),
         )
     return dt_out, dA_cs
 
@@ -267,6 +274,7 @@ def chunk_state(u, v, dt_out, dA_cs, lay, from_start):
             lay.T, H, G, P, NS, lay.N, lay.NC_SEQ, lay.W, lay.S, lay.W if from_start else 0,
             *u.stride()[:3], *v.stride()[:3],
             L=lay.L, BT=min(BT, lay.L), BP=BP, BN=BN, FROM_START=from_start, IS_VARLEN=lay.cu is not None,
+            INT64=needs_int64(u, v, dt_out, dA_cs, out),
             num_warps=NUM_WARPS,
         )
     return out
@@ -286,7 +294,7 @@ def state_pass(states, dA_cs, h0, lay, final, reverse=False):
             states, dA_cs, h0, final, lay.cu, lay.chunk_first,
             lay.T, H, P * NS, lay.NC_SEQ, lay.W, lay.S,
             L=lay.L, BLOCK=PASS_BLOCK, REVERSE=reverse, HAS_H0=h0 is not None,
-            IS_VARLEN=lay.cu is not None, num_warps=NUM_WARPS,
+            IS_VARLEN=lay.cu is not None, INT64=needs_int64(states, dA_cs, h0, final), num_warps=NUM_WARPS,
         )
 
 
@@ -306,12 +314,19 @@ def chunk_states(x, dt, A, B, dt_bias, h0, dt_softplus, dt_min, dt_max, lay, fin
 # ----------------------------------------------------------------------------
 def aot_case(label, kernel, pointers: dict, constexprs: dict, num_warps=NUM_WARPS, floats=("dt_min", "dt_max")):
     """A case in which ``pointers`` ({name: "*bf16"}) are present and 16-byte aligned, every other
-    runtime argument is an i32 (fp32 if in ``floats``), and absent pointers are ``None`` in ``constexprs``."""
+    runtime argument is an i32 (fp32 if in ``floats``), and absent pointers are ``None`` in ``constexprs``;
+    offsets are 32-bit (``int64_case`` makes them 64-bit)."""
+    constexprs = {"INT64": False, **constexprs}
     types = dict(pointers)
     for name in kernel.arg_names:
         if name not in types and name not in constexprs:
             types[name] = "fp32" if name in floats else "i32"
     return AOTCase(label, kernel, types, constexprs, num_warps, divisible=tuple(pointers))
+
+
+def int64_case(case: AOTCase) -> AOTCase:
+    """``case`` with 64-bit offsets."""
+    return dataclasses.replace(case, label=f"{case.label} int64", constexprs={**case.constexprs, "INT64": True})
 
 
 def _maps(varlen):
@@ -345,5 +360,6 @@ def _pass_case(reverse, varlen):
 AOT_CASES = [
     _cumsum_case(256, True), _cumsum_case(64, False),
     _state_case("bf16", 256, False, True), _state_case("fp32", 64, False, False), _state_case("bf16", 64, True, True),
+    int64_case(_state_case("bf16", 256, False, True)),
     _pass_case(False, True), _pass_case(True, False),
 ]

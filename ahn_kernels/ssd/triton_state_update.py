@@ -18,7 +18,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_chunk_state import aot_case, on_device
+from .._index import needs_int64
+from .triton_chunk_state import aot_case, int64_case, on_device
 
 STATE_TILE = 2048  # BP * BN
 MIN_BLOCK = 16
@@ -48,13 +49,14 @@ def ssd_state_update_kernel(
     HAS_D: tl.constexpr,
     HAS_Z: tl.constexpr,
     HAS_INDICES: tl.constexpr,
+    INT64: tl.constexpr,
 ):
-    i_b = tl.program_id(0).to(tl.int64)
+    i_b = tl.program_id(0).to(tl.int64 if INT64 else tl.int32)
     i_h = tl.program_id(1)
     i_p = tl.program_id(2)
     i_g = i_h // (H // G)
     if HAS_INDICES:
-        slot = tl.load(state_batch_indices + i_b).to(tl.int64)
+        slot = tl.load(state_batch_indices + i_b).to(tl.int64 if INT64 else tl.int32)
     else:
         slot = i_b
     o_p = i_p * BP + tl.arange(0, BP)
@@ -114,7 +116,8 @@ def ssd_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_ba
             *state.stride()[:3], *x.stride()[:2], *dt.stride(), *B.stride()[:2], *C.stride()[:2], *z_strides,
             *out.stride()[:2], D_sh, D_sp,
             BP=BP, BN=BN, DT_SOFTPLUS=dt_softplus, HAS_DT_BIAS=dt_bias is not None, HAS_D=D is not None,
-            HAS_Z=z is not None, HAS_INDICES=state_batch_indices is not None, num_warps=NUM_WARPS,
+            HAS_Z=z is not None, HAS_INDICES=state_batch_indices is not None,
+            INT64=needs_int64(state, x, dt, A, B, C, D, z, dt_bias, out), num_warps=NUM_WARPS,
         )
 
 
@@ -134,4 +137,4 @@ def _case(dtype: str, NS: int, P: int, full: bool):
 
 # Every BN from 16 to 256 (the largest state tile per thread stays 16 registers), both dtype families.
 AOT_CASES = [_case("bf16", NS, 64, True) for NS in (16, 64, 128, 256)] + [
-    _case("fp32", 128, 128, True), _case("fp16", 128, 64, False)]
+    _case("fp32", 128, 128, True), _case("fp16", 128, 64, False), int64_case(_case("bf16", 128, 64, True))]

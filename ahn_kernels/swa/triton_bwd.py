@@ -29,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._index import needs_int64
 from ..triton_aot import AOTCase
 from .triton_fwd import (
     ESIZE,
@@ -69,9 +70,10 @@ def swa_bwd_preprocess_kernel(
     BR: tl.constexpr,
     BD: tl.constexpr,
     HAS_DLSE: tl.constexpr,
+    INT64: tl.constexpr,
 ):
     """delta[b, h, t] = Σ_d dO·O - dlse over rows (b, t, h) of [B, T, HQ]."""
-    rows = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
+    rows = tl.program_id(0).to(tl.int64 if INT64 else tl.int32) * BR + tl.arange(0, BR)
     m_r = rows < ROWS
     i_h = rows % HQ
     i_t = (rows // HQ) % T
@@ -121,9 +123,10 @@ def swa_bwd_dkdv_kernel(
     BN: tl.constexpr,
     BD: tl.constexpr,
     IS_VARLEN: tl.constexpr,
+    INT64: tl.constexpr,
 ):
     i_hk = tl.program_id(0) % HK
-    i_b, bos, T_seq, i_j = locate(tl.program_id(0) // HK, cu_seqlens, blocks, T, BN, IS_VARLEN)
+    i_b, bos, T_seq, i_j = locate(tl.program_id(0) // HK, cu_seqlens, blocks, T, BN, IS_VARLEN, INT64)
     if i_j < 0:
         return
     G = HQ // HK
@@ -196,9 +199,10 @@ def swa_bwd_dq_kernel(
     BN: tl.constexpr,
     BD: tl.constexpr,
     IS_VARLEN: tl.constexpr,
+    INT64: tl.constexpr,
 ):
     i_hk = tl.program_id(0) % HK
-    i_b, bos, T_seq, i_t = locate(tl.program_id(0) // HK, cu_seqlens, blocks, T, BT, IS_VARLEN)
+    i_b, bos, T_seq, i_t = locate(tl.program_id(0) // HK, cu_seqlens, blocks, T, BT, IS_VARLEN, INT64)
     if i_t < 0:
         return
     G = HQ // HK
@@ -247,35 +251,40 @@ def swa_bwd(do, dlse, q, k, v, o, lse, window_size, num_sinks, scale, cu_seqlens
     W = window_arg(window_size, T)
     BT, GP, BN, num_warps = bwd_config(D, HQ // HK, q.element_size())
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3])
+    int64 = needs_int64(q, k, v, do, lse, delta, dq, dk, dv)  # both gradient kernels
     with device_guard(q):
         swa_bwd_preprocess_kernel[(triton.cdiv(B * T * HQ, BR),)](
             o, do, dlse, delta, B * T * HQ, T, HQ, D, *do.stride()[:3],
-            BR=BR, BD=BD, HAS_DLSE=dlse is not None)
+            BR=BR, BD=BD, HAS_DLSE=dlse is not None, INT64=needs_int64(o, do, dlse, delta))
         key_blocks, n_keys = query_blocks(cu_seqlens, B, T, BN)
         swa_bwd_dkdv_kernel[(n_keys * HK,)](
             q, k, v, do, lse, delta, dk, dv, cu_seqlens, key_blocks,
             T, HQ, HK, D, W, num_sinks, *strides, scale,
-            BT=BT, GP=GP, BN=BN, BD=BD, IS_VARLEN=cu_seqlens is not None, num_warps=num_warps)
+            BT=BT, GP=GP, BN=BN, BD=BD, IS_VARLEN=cu_seqlens is not None, INT64=int64, num_warps=num_warps)
         q_blocks, n_queries = query_blocks(cu_seqlens, B, T, BT)
         swa_bwd_dq_kernel[(n_queries * HK,)](
             q, k, v, do, lse, delta, dq, cu_seqlens, q_blocks,
             T, HQ, HK, D, W, num_sinks, *strides, scale,
-            BT=BT, GP=GP, BN=BN, BD=BD, IS_VARLEN=cu_seqlens is not None, num_warps=num_warps)
+            BT=BT, GP=GP, BN=BN, BD=BD, IS_VARLEN=cu_seqlens is not None, INT64=int64, num_warps=num_warps)
     return dq, dk, dv
 
 
-def _bwd_case(kernel, dtype: str, D: int, G: int, varlen: bool, must_not_spill: bool = True) -> AOTCase:
+def _bwd_case(kernel, dtype: str, D: int, G: int, varlen: bool, must_not_spill: bool = True,
+              int64: bool = False) -> AOTCase:
     BT, GP, BN, num_warps = bwd_config(D, G, ESIZE[dtype])
-    tiles = dict(BT=BT, GP=GP, BN=BN, BD=block_d(D), IS_VARLEN=varlen)
+    tiles = dict(BT=BT, GP=GP, BN=BN, BD=block_d(D), IS_VARLEN=varlen, INT64=int64)
     if not varlen:
         tiles.update(cu_seqlens=None, blocks=None)
-    label = f"D={D} G={G}{' varlen' if varlen else ''}"
+    label = f"D={D} G={G}{' varlen' if varlen else ''}{' int64' if int64 else ''}"
     return aot_case(kernel, tiles, num_warps, dtype, label, aligned=D % 16 == 0, must_not_spill=must_not_spill)
 
 
-# Both gradient kernels in bf16 at the GQA-packed D = 128 with varlen, and at BD = 256 (dq spills
-# 2 / 4 words there: the backward is held to compiling, the forward to not spilling); the
-# preprocess. fp32 is left out: its tf32x3 products spill (module docstring).
-AOT_CASES = [_bwd_case(kernel, "bf16", D, G, varlen, must_not_spill=kernel is swa_bwd_dkdv_kernel or D < 256)
-             for kernel in (swa_bwd_dkdv_kernel, swa_bwd_dq_kernel) for D, G, varlen in ((128, 8, True), (256, 1, False))
-             ] + [aot_case(swa_bwd_preprocess_kernel, dict(BR=BR, BD=128, HAS_DLSE=True), 4, "bf16", "D=128 dlse")]
+# Both gradient kernels in bf16 at the GQA-packed D = 128 with varlen (with 64-bit offsets too), and
+# at BD = 256 (dq spills 2 / 4 words there: the backward is held to compiling, the forward to not
+# spilling); the preprocess. fp32 is left out: its tf32x3 products spill (module docstring).
+AOT_CASES = [_bwd_case(kernel, "bf16", D, G, varlen, must_not_spill=kernel is swa_bwd_dkdv_kernel or D < 256,
+                       int64=int64)
+             for kernel in (swa_bwd_dkdv_kernel, swa_bwd_dq_kernel)
+             for D, G, varlen, int64 in ((128, 8, True, False), (128, 8, True, True), (256, 1, False, False))
+             ] + [aot_case(swa_bwd_preprocess_kernel, dict(BR=BR, BD=128, HAS_DLSE=True, INT64=False), 4, "bf16",
+                           "D=128 dlse")]

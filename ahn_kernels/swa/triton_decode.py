@@ -25,6 +25,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .._index import needs_int64
 from ..triton_aot import AOTCase
 from .triton_fwd import ESIZE, LOG2E, aot_case, block_d, device_guard, dot
 
@@ -48,8 +49,9 @@ def swa_decode_kernel(
     BG: tl.constexpr,
     BN: tl.constexpr,
     BD: tl.constexpr,
+    INT64: tl.constexpr,
 ):
-    i_b = (tl.program_id(0) // HK).to(tl.int64)
+    i_b = (tl.program_id(0) // HK).to(tl.int64 if INT64 else tl.int32)
     i_hk = tl.program_id(0) % HK
     G = HQ // HK
     pos = tl.load(cache_seqlens + i_b)
@@ -130,13 +132,14 @@ def swa_decode(q, k_cache, v_cache, k_new, v_new, cache_seqlens, window_size, nu
             k_new.stride(0), k_new.stride(2), v_new.stride(0), v_new.stride(2),
             scale,
             BG=_rows(HQ // HK), BN=_slots(D, q.element_size()), BD=block_d(D),
+            INT64=needs_int64(q, k_cache, v_cache, k_new, v_new, o),
             num_warps=_warps(D, q.element_size()),
         )
 
 
-def _decode_case(dtype: str, D: int, G: int) -> AOTCase:
-    return aot_case(swa_decode_kernel, dict(BG=_rows(G), BN=_slots(D, ESIZE[dtype]), BD=block_d(D)), _warps(D, ESIZE[dtype]), dtype, f"D={D} G={G}",
-                    aligned=D % 16 == 0)
+def _decode_case(dtype: str, D: int, G: int, int64: bool = False) -> AOTCase:
+    return aot_case(swa_decode_kernel, dict(BG=_rows(G), BN=_slots(D, ESIZE[dtype]), BD=block_d(D), INT64=int64),
+                    _warps(D, ESIZE[dtype]), dtype, f"D={D} G={G}{' int64' if int64 else ''}", aligned=D % 16 == 0)
 
 
-AOT_CASES = [_decode_case("bf16", D, G) for D, G in ((128, 8), (256, 4))]
+AOT_CASES = [_decode_case("bf16", D, G) for D, G in ((128, 8), (256, 4))] + [_decode_case("bf16", 128, 8, int64=True)]

@@ -38,6 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._index import needs_int64
 from ..triton_aot import AOTCase
 
 MIN_BD = 16  # tl.dot needs every dimension >= 16
@@ -97,18 +98,18 @@ def query_blocks(cu_seqlens, B: int, T: int, BT: int):
 
 
 @triton.jit
-def locate(i_blk, cu_seqlens, blocks, T, BT: tl.constexpr, IS_VARLEN: tl.constexpr):
+def locate(i_blk, cu_seqlens, blocks, T, BT: tl.constexpr, IS_VARLEN: tl.constexpr, INT64: tl.constexpr):
     """(batch row, first token of the sequence, its length, block index); i_t = -1 for a surplus program."""
     if IS_VARLEN:
         i_n = tl.load(blocks + 2 * i_blk)
         i_t = tl.load(blocks + 2 * i_blk + 1)
         i_nc = tl.maximum(i_n, 0)  # a surplus program reads sequence 0's offsets, then exits
-        bos = tl.load(cu_seqlens + i_nc).to(tl.int64)
-        T_seq = (tl.load(cu_seqlens + i_nc + 1).to(tl.int64) - bos).to(tl.int32)
+        bos = tl.load(cu_seqlens + i_nc).to(tl.int64 if INT64 else tl.int32)
+        T_seq = (tl.load(cu_seqlens + i_nc + 1).to(tl.int64 if INT64 else tl.int32) - bos).to(tl.int32)
         i_b = bos * 0
     else:
         NT = tl.cdiv(T, BT)
-        i_b = (i_blk // NT).to(tl.int64)
+        i_b = (i_blk // NT).to(tl.int64 if INT64 else tl.int32)
         i_t = i_blk % NT
         bos = i_b * 0
         T_seq = T
@@ -182,9 +183,10 @@ def swa_fwd_kernel(
     BN: tl.constexpr,
     BD: tl.constexpr,
     IS_VARLEN: tl.constexpr,
+    INT64: tl.constexpr,
 ):
     i_hk = tl.program_id(0) % HK
-    i_b, bos, T_seq, i_t = locate(tl.program_id(0) // HK, cu_seqlens, blocks, T, BT, IS_VARLEN)
+    i_b, bos, T_seq, i_t = locate(tl.program_id(0) // HK, cu_seqlens, blocks, T, BT, IS_VARLEN, INT64)
     if i_t < 0:
         return
     G = HQ // HK
@@ -196,7 +198,8 @@ def swa_fwd_kernel(
     m_d = o_d < D
     m_q = m_r[:, None] & m_d[None, :]
 
-    # int64 bases (bos, i_b are int64): B·T·H·D may pass 2^31.
+    # Bases in the launch's offset type (bos, i_b are INT64-wide): B·T·H·D may pass 2^31. A stride
+    # >= 2^31 (a size-1 dim's, with INT64 off) arrives as int64 from Triton and widens its product.
     p_q = q + i_b * stride_qb + (bos + r_t) * stride_qt + r_h * stride_qh
     b_q = tl.load(p_q[:, None] + o_d[None, :], mask=m_q, other=0.0)
     p_k = k + i_b * stride_kb + bos * stride_kt + i_hk * stride_kh
@@ -250,6 +253,7 @@ def swa_fwd(q, k, v, window_size, num_sinks, scale, cu_seqlens, o, lse) -> None:
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
             scale,
             BT=BT, GP=GP, BN=BN, BD=block_d(D), IS_VARLEN=cu_seqlens is not None,
+            INT64=needs_int64(q, k, v, o, lse),
             num_warps=num_warps,
         )
 
@@ -289,19 +293,21 @@ def aot_case(kernel, constexprs: dict, num_warps: int, dtype: str, label: str, a
 ESIZE = {"fp32": 4, "fp16": 2, "bf16": 2}
 
 
-def _fwd_case(dtype: str, D: int, G: int, varlen: bool, must_not_spill: bool = True) -> AOTCase:
+def _fwd_case(dtype: str, D: int, G: int, varlen: bool, must_not_spill: bool = True, int64: bool = False) -> AOTCase:
     BT, GP, BN, num_warps = fwd_config(D, G, ESIZE[dtype])
-    tiles = dict(BT=BT, GP=GP, BN=BN, BD=block_d(D), IS_VARLEN=varlen)
+    tiles = dict(BT=BT, GP=GP, BN=BN, BD=block_d(D), IS_VARLEN=varlen, INT64=int64)
     if not varlen:
         tiles.update(cu_seqlens=None, blocks=None)
-    label = f"D={D} G={G}{' varlen' if varlen else ''}"
+    label = f"D={D} G={G}{' varlen' if varlen else ''}{' int64' if int64 else ''}"
     return aot_case(swa_fwd_kernel, tiles, num_warps, dtype, label, aligned=D % 16 == 0, must_not_spill=must_not_spill)
 
 
 # bf16 at BD = 128 and 256 (MHA, dense); the GQA packing at G = 8 and at G = 3 (padded rows, odd D,
-# halved tile), varlen; fp32 (tf32x3, smaller tiles) at BD = 128 and 256. fp16 compiles as bf16 does.
+# halved tile), varlen, the former with 64-bit offsets too; fp32 (tf32x3, smaller tiles) at BD = 128
+# and 256. fp16 compiles as bf16 does.
 AOT_CASES = [_fwd_case("bf16", D, 1, False) for D in (128, 256)] + [
     _fwd_case("bf16", 128, 8, True),
+    _fwd_case("bf16", 128, 8, True, int64=True),
     _fwd_case("bf16", 100, 3, True),
     _fwd_case("fp32", 128, 1, True),
     _fwd_case("fp32", 256, 1, False, must_not_spill=False),  # 4 / 8 words at the smallest tile (docstring)

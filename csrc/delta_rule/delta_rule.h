@@ -70,8 +70,9 @@ struct ChunkBwdParams {
 
 // CPU: OpenMP over sequences x state heads, `num_threads` threads.
 void launch_fused_recurrent_fwd_cpu(const FusedRecurrentParams& p, int num_threads);
-// CUDA: one block per (sequence, state head, V tile); `stream` is a cudaStream_t.
-void launch_fused_recurrent_fwd_cuda(const FusedRecurrentParams& p, void* stream);
+// CUDA: one block per (sequence, state head, V tile); `stream` is a cudaStream_t. Element offsets
+// are int64 with `int64_offsets` (set when one can reach 2^31), else int32.
+void launch_fused_recurrent_fwd_cuda(const FusedRecurrentParams& p, bool int64_offsets, void* stream);
 // CPU: OpenMP over sequences x state heads (each task runs its chunks in order, so
 // results do not depend on `num_threads`); fp32 math for every dtype.
 void launch_chunk_fwd_cpu(const ChunkParams& p, int num_threads);

@@ -34,47 +34,52 @@ struct TokenIn {
 };
 
 // Grid: x = sequence * HS + state head (so > 65,535 sequences fit), y = V tile.
-template <int KB, class T>
+// I: the element offset type, int32_t unless an offset can reach 2^31 (ahn_kernels/_index.py).
+// seq_head works in int64; its offsets, below 2^31 on the int32 path, are narrowed once.
+template <int KB, class T, class I>
 __global__ void __launch_bounds__(32 * kWarps) fused_recurrent_fwd_kernel(const FusedRecurrentParams p) {
   constexpr int TK = Tile<KB>::TK, R = Tile<KB>::R;
   const int tk = threadIdx.x % TK;
-  const int64_t col = int64_t(blockIdx.y) * Tile<KB>::BV + threadIdx.x / TK;
+  const I col = I(blockIdx.y) * Tile<KB>::BV + threadIdx.x / TK;
   const bool col_ok = col < p.V;
-  const int64_t n = blockIdx.x / p.HS, h = blockIdx.x % p.HS;
+  const I n = I(blockIdx.x) / I(p.HS), h = I(blockIdx.x) % I(p.HS);
   const SeqHead at = seq_head(p, n, h);
-  const int64_t bos = at.bos, eos = at.eos;
+  const I bos = I(at.bos), eos = I(at.eos);
   const T* q = static_cast<const T*>(p.q);
   const T* k = static_cast<const T*>(p.k);
   const T* v = static_cast<const T*>(p.v);
   T* o = static_cast<T*>(p.o);
-  const int64_t q0 = at.q, k0 = at.k, v0 = at.v + col, g0 = at.g, beta0 = at.beta;
-  const int64_t o0 = at.o + col;
-  const int64_t o_st = p.HS * p.V;
-  const int64_t state = at.state + col;  // S[0, col] of this head in h0 / ht
+  const I q0 = I(at.q), k0 = I(at.k), v0 = I(at.v) + col, g0 = I(at.g), beta0 = I(at.beta);
+  // A token stride of a size-1 T dim may not fit I; t is 0 there, and so is the narrowed product.
+  const I q_st = I(p.q_st), k_st = I(p.k_st), v_st = I(p.v_st), g_st = I(p.g_st), beta_st = I(p.beta_st);
+  const I o0 = I(at.o) + col;
+  const I o_st = I(p.HS * p.V);
+  const I state = I(at.state) + col;  // S[0, col] of this head in h0 / ht
+  const I K = I(p.K), V = I(p.V);
 
   float S[R];  // S[tk + r * TK, col]
 #pragma unroll
   for (int r = 0; r < R; ++r) {
-    const int64_t i = tk + r * TK;
-    S[r] = (p.h0 && col_ok && i < p.K) ? p.h0[state + i * p.V] : 0.f;
+    const I i = tk + r * TK;
+    S[r] = (p.h0 && col_ok && i < K) ? p.h0[state + i * V] : 0.f;
   }
 
   const T zero = from_f32<T>(0.f);
-  auto load = [&](int64_t t, TokenIn<R, T>& x) {
+  auto load = [&](I t, TokenIn<R, T>& x) {
 #pragma unroll
     for (int r = 0; r < R; ++r) {
-      const int64_t i = tk + r * TK;
-      x.q[r] = i < p.K ? q[q0 + t * p.q_st + i] : zero;
-      x.k[r] = i < p.K ? k[k0 + t * p.k_st + i] : zero;
+      const I i = tk + r * TK;
+      x.q[r] = i < K ? q[q0 + t * q_st + i] : zero;
+      x.k[r] = i < K ? k[k0 + t * k_st + i] : zero;
     }
-    x.v = col_ok ? v[v0 + t * p.v_st] : zero;
-    x.g = p.g ? p.g[g0 + t * p.g_st] : 0.f;
-    x.beta = p.beta[beta0 + t * p.beta_st];
+    x.v = col_ok ? v[v0 + t * v_st] : zero;
+    x.g = p.g ? p.g[g0 + t * g_st] : 0.f;
+    x.beta = p.beta[beta0 + t * beta_st];
   };
 
   TokenIn<R, T> cur, next;
   if (bos < eos) load(bos, cur);
-  for (int64_t t = bos; t < eos; ++t) {
+  for (I t = bos; t < eos; ++t) {
     if (t + 1 < eos) load(t + 1, next);
 
     float qf[R], kf[R];
@@ -111,35 +116,38 @@ __global__ void __launch_bounds__(32 * kWarps) fused_recurrent_fwd_kernel(const 
   if (p.ht && col_ok)
 #pragma unroll
     for (int r = 0; r < R; ++r) {
-      const int64_t i = tk + r * TK;
-      if (i < p.K) p.ht[state + i * p.V] = S[r];
+      const I i = tk + r * TK;
+      if (i < K) p.ht[state + i * V] = S[r];
     }
 }
 
-template <int KB, class T>
+template <int KB, class T, class I>
 void launch(const FusedRecurrentParams& p, cudaStream_t stream) {
   const int64_t tiles = (p.V + Tile<KB>::BV - 1) / Tile<KB>::BV;
-  fused_recurrent_fwd_kernel<KB, T><<<dim3(unsigned(p.N * p.HS), unsigned(tiles)), 32 * kWarps, 0, stream>>>(p);
+  fused_recurrent_fwd_kernel<KB, T, I><<<dim3(unsigned(p.N * p.HS), unsigned(tiles)), 32 * kWarps, 0, stream>>>(p);
 }
 
 using Launcher = void (*)(const FusedRecurrentParams&, cudaStream_t);
 
-// The instantiations: K bucket (rows of the register tile) x dtype.
+// The instantiations: offset type x K bucket (rows of the register tile) x dtype.
+template <class I>
 constexpr Launcher kLaunchers[4][3] = {
-    {launch<32, float>, launch<32, f16>, launch<32, bf16>},
-    {launch<64, float>, launch<64, f16>, launch<64, bf16>},
-    {launch<128, float>, launch<128, f16>, launch<128, bf16>},
-    {launch<256, float>, launch<256, f16>, launch<256, bf16>},
+    {launch<32, float, I>, launch<32, f16, I>, launch<32, bf16, I>},
+    {launch<64, float, I>, launch<64, f16, I>, launch<64, bf16, I>},
+    {launch<128, float, I>, launch<128, f16, I>, launch<128, bf16, I>},
+    {launch<256, float, I>, launch<256, f16, I>, launch<256, bf16, I>},
 };
 
 }  // namespace
 
-void launch_fused_recurrent_fwd_cuda(const FusedRecurrentParams& p, void* stream) {
+void launch_fused_recurrent_fwd_cuda(const FusedRecurrentParams& p, bool int64_offsets, void* stream) {
   AHN_CHECK(p.K >= 1 && p.K <= 256, "K must be in 1..256");
   AHN_CHECK(p.N * p.HS < (int64_t(1) << 31), "N * HS must be < 2^31");
   if (p.N * p.HS == 0) return;
   const int bucket = p.K <= 32 ? 0 : p.K <= 64 ? 1 : p.K <= 128 ? 2 : 3;
-  kLaunchers[bucket][int(p.dtype)](p, static_cast<cudaStream_t>(stream));
+  const Launcher run = int64_offsets ? kLaunchers<int64_t>[bucket][int(p.dtype)]
+                                     : kLaunchers<int32_t>[bucket][int(p.dtype)];
+  run(p, static_cast<cudaStream_t>(stream));
   const cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess)
     throw std::runtime_error(std::string("ahn_kernels: fused_recurrent_fwd launch failed: ") + cudaGetErrorString(err));
