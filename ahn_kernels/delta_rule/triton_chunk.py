@@ -34,6 +34,7 @@ V tiles of 32 in the state pass and 64 in the readout (16 and 16 for fp32); 8 wa
 The state pass keeps S in h_start (L2) rather than in registers, read and written per
 K slice, so no variant holds a whole [K, BV] state. The readout takes Q Kᵀ and Q S_0 in
 two passes over the K slices, so that no more than two [BT, BK] input tiles are live.
+On CPU tensors (the Triton interpreter: tests) the launchers take whole tiles: ``whole_tiles``.
 
 Registers / spill words / shared memory per stage (ptxas via ``python -m ahn_kernels.triton_aot``,
 every option on, C = 64, the dtype's tiles; K is a loop count, so any K <= 256):
@@ -273,6 +274,33 @@ def block_k(K: int) -> int:
     return max(MIN_BK, triton.next_power_of_2(K))
 
 
+_gpu_tiles_on_cpu = False
+
+
+@contextlib.contextmanager
+def gpu_tiles():
+    """Within it, the launchers (forward and backward) take the GPU's tiles on CPU tensors too."""
+    global _gpu_tiles_on_cpu
+    before, _gpu_tiles_on_cpu = _gpu_tiles_on_cpu, True
+    try:
+        yield
+    finally:
+        _gpu_tiles_on_cpu = before
+
+
+def whole_tiles(x) -> bool:
+    """Whether the launchers (forward and backward) take all of K per slice and all of V per tile.
+
+    True for CPU tensors, outside ``gpu_tiles()``: there the kernels run under the Triton
+    interpreter, whose cost is one numpy call per tile op whatever the tile's size (some 10 ms per
+    helper call), and one iteration of every slice loop makes the tests 5-10x faster. The tests
+    run their cases of many slices and tiles (K = V = 256, the red zones at odd head dims) in
+    ``gpu_tiles()``, so that the loops and the masks of partial slices stay covered as the GPU
+    runs them. On CUDA the tiles are always those of the module docstring (its ptxas table).
+    """
+    return x.device.type == "cpu" and not _gpu_tiles_on_cpu
+
+
 def chunk_slots(cu_seqlens, B: int, T: int, C: int, W: int, S: int, device):
     """Number the chunks of every sequence, on the device (no host sync).
 
@@ -321,6 +349,8 @@ def chunk_fwd_states(q, k, v, g, beta, initial_state, cu_seqlens, use_qk_l2norm,
     flags = dict(USE_G=g is not None, USE_QK_L2NORM=use_qk_l2norm, IS_VARLEN=cu_seqlens is not None)
     bk, bv, _ = TILES[q.dtype]
     BK = min(bk, block_k(K))
+    if whole_tiles(q):
+        BK, bv = block_k(K), block_k(V)
     with _guard(q):
         if NS * HS:
             chunk_ut_kernel[(NS, HK)](
@@ -367,13 +397,16 @@ def chunk_fwd(q, k, v, g, beta, scale, initial_state, cu_seqlens, use_qk_l2norm,
         return
     stride_g = (0, 0, 0) if g is None else g.stride()
     bk, _, bv = TILES[q.dtype]
+    BK = min(bk, block_k(K))
+    if whole_tiles(q):
+        BK, bv = block_k(K), block_k(V)
     with _guard(q):
         chunk_out_kernel[(NS, HS, triton.cdiv(V, bv))](
             q, k, g, h_start, delta, o, slots, cu_seqlens,
             T, HS, HQ, HK, K, V, lag_window, lag_sinks,
             *q.stride()[:3], *k.stride()[:3], *stride_g,
             scale,
-            BT=chunk_size, BK=min(bk, block_k(K)), BV=bv, USE_G=g is not None, USE_QK_L2NORM=use_qk_l2norm,
+            BT=chunk_size, BK=BK, BV=bv, USE_G=g is not None, USE_QK_L2NORM=use_qk_l2norm,
             IS_VARLEN=cu_seqlens is not None, num_warps=NUM_WARPS)
 
 

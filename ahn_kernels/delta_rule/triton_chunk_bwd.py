@@ -56,6 +56,7 @@ from .triton_chunk import (
     aot_case,
     block_k,
     chunk_fwd_states,
+    whole_tiles,
 )
 from .triton_chunk_bwd_grad import BK, BV, SUMS, chunk_grad_intra_kernel, chunk_grad_kernel, chunk_grad_state_kernel
 
@@ -249,31 +250,33 @@ def chunk_bwd(grad_o, grad_ht, q, k, v, g, beta, scale, initial_state, cu_seqlen
     stride_g = (0, 0, 0) if g is None else g.stride()
     strides = (*q.stride()[:3], *k.stride()[:3], *grad_o.stride()[:3], *stride_g, *beta.stride())
     flags = dict(USE_G=g is not None, IS_VARLEN=cu_seqlens is not None, num_warps=NUM_WARPS)
-    bk = min(BK, block_k(K))
+    state_bk, bk, bv = STATE_BK, min(BK, block_k(K)), BV
+    if whole_tiles(q):  # the interpreter (``triton_chunk.whole_tiles``)
+        state_bk, bk, bv = block_k(K), block_k(K), block_k(V)
     sums = q.new_empty(NS, HS, triton.cdiv(K, bk), SUMS.value, C, dtype=torch.float32)  # [NS, HS, NK, 4, C]
     dtt = q.new_empty(NS, HS, 2, C, C, dtype=torch.float32)  # [NS, HS, 2, C, C]
     norms = q.new_empty(NS, HS, 2, C, dtype=torch.float32)  # [NS, HS, 2, C]
     with _guard(q):
         if N * HS:
-            chunk_state_bwd_kernel[(N * HS, triton.cdiv(V, BV))](
+            chunk_state_bwd_kernel[(N * HS, triton.cdiv(V, bv))](
                 q, k, grad_o, g, beta, A, grad_ht, R, dS_end, dh0, first, cu_seqlens,
                 T, HS, HQ, HK, K, V, W, S,
                 *strides,
                 scale,
-                BT=C, BK=STATE_BK, BV=BV, USE_QK_L2NORM=use_qk_l2norm, **flags)
+                BT=C, BK=state_bk, BV=bv, USE_QK_L2NORM=use_qk_l2norm, **flags)
         if NS * HS:
             chunk_grad_state_kernel[(NS, HS, triton.cdiv(K, bk))](
                 q, k, grad_o, g, beta, h_start, delta, R, dS_end, dq_part, dk_part, sums, slots, cu_seqlens,
                 T, HS, HQ, HK, K, V, W, S,
                 *strides,
                 scale,
-                BT=C, BK=bk, BV=BV, **flags)
+                BT=C, BK=bk, BV=bv, **flags)
             chunk_grad_kernel[(NS, HS)](
                 q, k, v, grad_o, g, beta, delta, R, sums, dv_part, dbeta, dg, dtt, norms, slots, cu_seqlens,
                 T, HS, HQ, HK, HV, K, V, W, S,
                 *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *grad_o.stride()[:3], *stride_g, *beta.stride(),
                 scale,
-                BT=C, BK=bk, BV=BV, USE_QK_L2NORM=use_qk_l2norm, **flags)
+                BT=C, BK=bk, BV=bv, USE_QK_L2NORM=use_qk_l2norm, **flags)
             chunk_grad_intra_kernel[(NS, HS, triton.cdiv(K, bk))](
                 q, k, dtt, norms, dq_part, dk_part, slots, cu_seqlens,
                 T, HS, HQ, HK, K, W, S,
