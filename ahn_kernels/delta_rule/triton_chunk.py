@@ -43,7 +43,7 @@ every option on, C = 64, the dtype's tiles; K is a loop count, so any K <= 256):
                          sm_80        | sm_90        sm_80        | sm_90
     UT           bf16    173/0/16K    | 180/0/16K    181/0/16K    | 180/0/16K
     UT           fp32    178/0/16K    | 186/0/16K    176/0/16K    | 187/0/16K
-    state pass   bf16    164/0/24K    | 168/0/24K    230/0/24K    | 230/0/24K
+    state pass   bf16    164/0/24K    | 168/0/24K    232/0/24K    | 232/0/24K
     state pass   fp32    205/0/20K    | 173/0/20K    240/0/20K    | 223/0/20K
     readout      bf16    128/0/24K    | 123/0/48K    219/0/20K    | 217/0/44K
     readout      fp32    170/0/16K    | 170/0/16K    186/0/16K    | 190/0/16K
@@ -155,11 +155,15 @@ def chunk_state_kernel(
     for i_t in range(0, NT):
         tl.debug_barrier()  # this chunk's S_0, written by other threads, is visible
         # K S_0 and the squared key norms, over K slices.
+        # The chunk's key rows, for every K slice of both passes (no per-slice row arithmetic).
+        o_r = i_t * BT + o_t
+        p_k = k + i_b * stride_kb + (row_kv + o_r[:, None]) * stride_kt + i_hk * stride_kh
+        m_r = o_r[:, None] < M
         b_ks = tl.zeros([BT, BV], dtype=tl.float32)
         b_ss = tl.zeros([BT], dtype=tl.float32)
         for i_k in range(0, tl.cdiv(K, BK)):
             o_k = i_k * BK + tl.arange(0, BK)
-            b_k = _load_rows(k, i_b, row_kv, i_hk, M, K, stride_kb, stride_kt, stride_kh, i_t, i_k * BK, BT, BK)
+            b_k = tl.load(p_k + o_k[None, :], mask=m_r & (o_k[None, :] < K), other=0.0).to(tl.float32)
             b_h = tl.load(p_h + o_k[:, None] * V + o_v[None, :], mask=(o_k[:, None] < K) & m_v[None, :], other=0.0)
             b_ks += _dot_f32(b_k, b_h, DT)
             b_ss += tl.sum(b_k * b_k, 1)
@@ -186,7 +190,7 @@ def chunk_state_kernel(
             o_k = i_k * BK + tl.arange(0, BK)
             m_h = (o_k[:, None] < K) & m_v[None, :]
             off_h = o_k[:, None] * V + o_v[None, :]
-            b_k = _load_rows(k, i_b, row_kv, i_hk, M, K, stride_kb, stride_kt, stride_kh, i_t, i_k * BK, BT, BK)
+            b_k = tl.load(p_k + o_k[None, :], mask=m_r & (o_k[None, :] < K), other=0.0).to(tl.float32)
             b_h = tl.exp(g_last) * tl.load(p_h + off_h, mask=m_h, other=0.0)
             b_h += _dot_f32(tl.trans(b_k * b_ke[:, None]), b_d, DT)
             tl.store(p_h + HS * K * V + off_h, b_h, mask=(o_k[:, None] < tl.where(i_t < NT - 1, K, 0)) & m_v[None, :])
