@@ -1,7 +1,11 @@
 """chunk_{,gated_}delta_rule on the Triton kernels (``triton_chunk_ut.py``, ``triton_chunk.py``,
 ``triton_chunk_bwd.py``), under ``TRITON_INTERPRET=1`` on CPU tensors, against the fp64 token loop:
 forward, final state and every gradient; red zones, determinism, split continuation and opcheck
-through the Triton path."""
+through the Triton path.
+
+On CPU tensors the launchers take all of K and V per slice and tile (``triton_chunk.whole_tiles``:
+the interpreter's cost is per op); the red zones and K = V = 256 run in ``gpu_tiles()``, so the
+slice loops and the masks of partial slices are tested as the GPU runs them."""
 
 import pytest
 import torch
@@ -9,7 +13,7 @@ from torch.library import opcheck
 
 import ahn_kernels
 from ahn_kernels import _backend
-from ahn_kernels.delta_rule import op, reference
+from ahn_kernels.delta_rule import op, reference, triton_chunk
 from ahn_kernels.testing import (
     VARLEN_LENGTHS,
     assert_close,
@@ -128,8 +132,9 @@ def test_chunk_triton_red_zone_and_repeatable(heads):
     for _ in range(2):
         out = {n: red_zone(tuple(s), torch.float32) for n, s in shapes.items()}
         args = (z["q"], z["k"], z["v"], z["g"], z["beta"], K ** -0.5, None, z["cu_seqlens"], True, C, *lag)
-        op.run_chunk_triton(*args, out["o"][0], out["ht"][0])
-        op.run_chunk_bwd_triton(z["grad_o"], z["grad_ht"], *args, *(out[n][0] for n in list(shapes)[2:]))
+        with triton_chunk.gpu_tiles():  # K and V in several slices and tiles, the last ones partial
+            op.run_chunk_triton(*args, out["o"][0], out["ht"][0])
+            op.run_chunk_bwd_triton(z["grad_o"], z["grad_ht"], *args, *(out[n][0] for n in list(shapes)[2:]))
         for check in (*checks, *(c for _, c in out.values())):
             check()
         runs.append({n: t.clone() for n, (t, _) in out.items()})
@@ -180,5 +185,6 @@ CASES_256 = [(1, None, 17, 256, 256, GKV, True, True, None, torch.float32, True,
 @pytest.mark.parametrize("B, lengths, T, K, V, heads, h0, l2norm, lag, dtype, gated, chunk, permuted", CASES_256,
                          ids=[_case_id(*c) for c in CASES_256])
 def test_chunk_triton_head_dim_256(B, lengths, T, K, V, heads, h0, l2norm, lag, dtype, gated, chunk, permuted):
-    """Forward, final state and every gradient at K = V = 256 vs fp64."""
-    test_chunk_triton_vs_recurrent(B, lengths, T, K, V, heads, h0, l2norm, lag, dtype, gated, chunk, permuted)
+    """Forward, final state and every gradient at K = V = 256 vs fp64, with the GPU's tiles."""
+    with triton_chunk.gpu_tiles():
+        test_chunk_triton_vs_recurrent(B, lengths, T, K, V, heads, h0, l2norm, lag, dtype, gated, chunk, permuted)

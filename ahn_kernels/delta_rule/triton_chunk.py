@@ -34,6 +34,7 @@ V tiles of 32 in the state pass and 64 in the readout (16 and 16 for fp32); 8 wa
 The state pass keeps S in h_start (L2) rather than in registers, read and written per
 K slice, so no variant holds a whole [K, BV] state. The readout takes Q Kᵀ and Q S_0 in
 two passes over the K slices, so that no more than two [BT, BK] input tiles are live.
+On CPU tensors (the Triton interpreter: tests) the launchers take whole tiles: ``whole_tiles``.
 
 Registers / spill words / shared memory per stage (ptxas via ``python -m ahn_kernels.triton_aot``,
 every option on, C = 64, the dtype's tiles; K is a loop count, so any K <= 256):
@@ -42,7 +43,7 @@ every option on, C = 64, the dtype's tiles; K is a loop count, so any K <= 256):
                          sm_80        | sm_90        sm_80        | sm_90
     UT           bf16    173/0/16K    | 180/0/16K    181/0/16K    | 180/0/16K
     UT           fp32    178/0/16K    | 186/0/16K    176/0/16K    | 187/0/16K
-    state pass   bf16    164/0/24K    | 168/0/24K    230/0/24K    | 230/0/24K
+    state pass   bf16    164/0/24K    | 168/0/24K    232/0/24K    | 232/0/24K
     state pass   fp32    205/0/20K    | 173/0/20K    240/0/20K    | 223/0/20K
     readout      bf16    128/0/24K    | 123/0/48K    219/0/20K    | 217/0/44K
     readout      fp32    170/0/16K    | 170/0/16K    186/0/16K    | 190/0/16K
@@ -157,11 +158,15 @@ def chunk_state_kernel(
     for i_t in range(0, NT):
         tl.debug_barrier()  # this chunk's S_0, written by other threads, is visible
         # K S_0 and the squared key norms, over K slices.
+        # The chunk's key rows, for every K slice of both passes (no per-slice row arithmetic).
+        o_r = i_t * BT + o_t
+        p_k = k + i_b * stride_kb + (row_kv + o_r[:, None]) * stride_kt + i_hk * stride_kh
+        m_r = o_r[:, None] < M
         b_ks = tl.zeros([BT, BV], dtype=tl.float32)
         b_ss = tl.zeros([BT], dtype=tl.float32)
         for i_k in range(0, tl.cdiv(K, BK)):
             o_k = i_k * BK + tl.arange(0, BK)
-            b_k = _load_rows(k, i_b, row_kv, i_hk, M, K, stride_kb, stride_kt, stride_kh, i_t, i_k * BK, BT, BK)
+            b_k = tl.load(p_k + o_k[None, :], mask=m_r & (o_k[None, :] < K), other=0.0).to(tl.float32)
             b_h = tl.load(p_h + o_k[:, None] * V + o_v[None, :], mask=(o_k[:, None] < K) & m_v[None, :], other=0.0)
             b_ks += _dot_f32(b_k, b_h, DT)
             b_ss += tl.sum(b_k * b_k, 1)
@@ -188,7 +193,7 @@ def chunk_state_kernel(
             o_k = i_k * BK + tl.arange(0, BK)
             m_h = (o_k[:, None] < K) & m_v[None, :]
             off_h = o_k[:, None] * V + o_v[None, :]
-            b_k = _load_rows(k, i_b, row_kv, i_hk, M, K, stride_kb, stride_kt, stride_kh, i_t, i_k * BK, BT, BK)
+            b_k = tl.load(p_k + o_k[None, :], mask=m_r & (o_k[None, :] < K), other=0.0).to(tl.float32)
             b_h = tl.exp(g_last) * tl.load(p_h + off_h, mask=m_h, other=0.0)
             b_h += _dot_f32(tl.trans(b_k * b_ke[:, None]), b_d, DT)
             tl.store(p_h + HS * K * V + off_h, b_h, mask=(o_k[:, None] < tl.where(i_t < NT - 1, K, 0)) & m_v[None, :])
@@ -277,6 +282,33 @@ def block_k(K: int) -> int:
     return max(MIN_BK, triton.next_power_of_2(K))
 
 
+_gpu_tiles_on_cpu = False
+
+
+@contextlib.contextmanager
+def gpu_tiles():
+    """Within it, the launchers (forward and backward) take the GPU's tiles on CPU tensors too."""
+    global _gpu_tiles_on_cpu
+    before, _gpu_tiles_on_cpu = _gpu_tiles_on_cpu, True
+    try:
+        yield
+    finally:
+        _gpu_tiles_on_cpu = before
+
+
+def whole_tiles(x) -> bool:
+    """Whether the launchers (forward and backward) take all of K per slice and all of V per tile.
+
+    True for CPU tensors, outside ``gpu_tiles()``: there the kernels run under the Triton
+    interpreter, whose cost is one numpy call per tile op whatever the tile's size (some 10 ms per
+    helper call), and one iteration of every slice loop makes the tests 5-10x faster. The tests
+    run their cases of many slices and tiles (K = V = 256, the red zones at odd head dims) in
+    ``gpu_tiles()``, so that the loops and the masks of partial slices stay covered as the GPU
+    runs them. On CUDA the tiles are always those of the module docstring (its ptxas table).
+    """
+    return x.device.type == "cpu" and not _gpu_tiles_on_cpu
+
+
 def chunk_slots(cu_seqlens, B: int, T: int, C: int, W: int, S: int, device):
     """Number the chunks of every sequence, on the device (no host sync).
 
@@ -325,6 +357,8 @@ def chunk_fwd_states(q, k, v, g, beta, initial_state, cu_seqlens, use_qk_l2norm,
     flags = dict(USE_G=g is not None, USE_QK_L2NORM=use_qk_l2norm, IS_VARLEN=cu_seqlens is not None)
     bk, bv, _ = TILES[q.dtype]
     BK = min(bk, block_k(K))
+    if whole_tiles(q):
+        BK, bv = block_k(K), block_k(V)
     with _guard(q):
         if NS * HS:
             chunk_ut_kernel[(NS, HK)](
@@ -372,13 +406,16 @@ def chunk_fwd(q, k, v, g, beta, scale, initial_state, cu_seqlens, use_qk_l2norm,
         return
     stride_g = (0, 0, 0) if g is None else g.stride()
     bk, _, bv = TILES[q.dtype]
+    BK = min(bk, block_k(K))
+    if whole_tiles(q):
+        BK, bv = block_k(K), block_k(V)
     with _guard(q):
         chunk_out_kernel[(NS, HS, triton.cdiv(V, bv))](
             q, k, g, h_start, delta, o, slots, cu_seqlens,
             T, HS, HQ, HK, K, V, lag_window, lag_sinks,
             *q.stride()[:3], *k.stride()[:3], *stride_g,
             scale,
-            BT=chunk_size, BK=min(bk, block_k(K)), BV=bv, USE_G=g is not None, USE_QK_L2NORM=use_qk_l2norm,
+            BT=chunk_size, BK=BK, BV=bv, USE_G=g is not None, USE_QK_L2NORM=use_qk_l2norm,
             IS_VARLEN=cu_seqlens is not None, INT64=needs_int64(q, k, g, h_start, delta, o), num_warps=NUM_WARPS)
 
 

@@ -31,7 +31,7 @@ ptxas (``python -m ahn_kernels.triton_aot`` and a sweep of the variants the laun
 sm_80 and sm_90: bf16 and fp32 at C = 16 / 32 / 64, fp16 at C = 64, head dims multiples of 16
 or not, options on or off): at most 47 KB of shared memory per block (an A100 block may have
 163 KB, an H100's 227 KB). No spills with head dims multiples of 16, except where ptxas holds
-a kernel to 128 or 64 registers: the fp32 reverse pass on sm_90 (4 words) and
+a kernel to 128 or 64 registers: the fp32 reverse pass on sm_90 (2 words) and
 ``chunk_grad_kernel`` on sm_80 at C = 32 (bf16) and 16 (fp32) with no option on (2). With
 other head dims (narrower loads): the reverse pass up to 12 words (16-bit inputs, sm_90),
 ``chunk_grad_kernel`` up to 30 (fp32, sm_80, C = 64).
@@ -57,6 +57,7 @@ from .triton_chunk import (
     aot_case,
     block_k,
     chunk_fwd_states,
+    whole_tiles,
 )
 from .triton_chunk_bwd_grad import BK, BV, SUMS, chunk_grad_intra_kernel, chunk_grad_kernel, chunk_grad_state_kernel
 
@@ -126,14 +127,20 @@ def chunk_state_bwd_kernel(
         i_s = first + i_t
         tl.debug_barrier()  # this chunk's dS, written by other threads, is visible
         # Q Kᵀ, K dS and the squared row norms, over K slices; the norms applied after.
+        # The chunk's q and k rows, for every K slice of both passes (no per-slice row arithmetic).
+        o_r = i_t * BT + o_t
+        p_q = q + i_b * stride_qb + (row_q + o_r[:, None]) * stride_qt + i_hq * stride_qh
+        p_k = k + i_b * stride_kb + (row_kv + o_r[:, None]) * stride_kt + i_hk * stride_kh
+        m_r = o_r[:, None] < M
         b_qk = tl.zeros([BT, BT], dtype=tl.float32)
         b_kdh = tl.zeros([BT, BV], dtype=tl.float32)
         b_sq = tl.zeros([BT], dtype=tl.float32)
         b_sk = tl.zeros([BT], dtype=tl.float32)
         for i_k in range(0, tl.cdiv(K, BK)):
             o_k = i_k * BK + tl.arange(0, BK)
-            b_q = _load_rows(q, i_b, row_q, i_hq, M, K, stride_qb, stride_qt, stride_qh, i_t, i_k * BK, BT, BK)
-            b_k = _load_rows(k, i_b, row_kv, i_hk, M, K, stride_kb, stride_kt, stride_kh, i_t, i_k * BK, BT, BK)
+            m_qk = m_r & (o_k[None, :] < K)
+            b_q = tl.load(p_q + o_k[None, :], mask=m_qk, other=0.0).to(tl.float32)
+            b_k = tl.load(p_k + o_k[None, :], mask=m_qk, other=0.0).to(tl.float32)
             b_dh = tl.load(p_dh + o_k[:, None] * V + o_v[None, :], mask=(o_k[:, None] < K) & m_v[None, :], other=0.0)
             b_qk += _dot_in(b_q, tl.trans(b_k), DT)
             b_kdh += _dot_f32(b_k, b_dh, DT)
@@ -164,8 +171,9 @@ def chunk_state_bwd_kernel(
         for i_k in range(0, tl.cdiv(K, BK)):
             o_k = i_k * BK + tl.arange(0, BK)
             off_h = o_k[:, None] * V + o_v[None, :]
-            b_q = _load_rows(q, i_b, row_q, i_hq, M, K, stride_qb, stride_qt, stride_qh, i_t, i_k * BK, BT, BK)
-            b_k = _load_rows(k, i_b, row_kv, i_hk, M, K, stride_kb, stride_kt, stride_kh, i_t, i_k * BK, BT, BK)
+            m_qk = m_r & (o_k[None, :] < K)
+            b_q = tl.load(p_q + o_k[None, :], mask=m_qk, other=0.0).to(tl.float32)
+            b_k = tl.load(p_k + o_k[None, :], mask=m_qk, other=0.0).to(tl.float32)
             b_dh = tl.exp(g_last) * tl.load(p_dh + off_h, mask=(o_k[:, None] < K) & m_v[None, :], other=0.0)
             b_dh += _dot_f32(tl.trans(b_q * b_qe[:, None]), b_do, DT) - _dot_f32(tl.trans(b_k * b_ke[:, None]), b_R, DT)
             tl.store(p_dh - HS * K * V + off_h, b_dh, mask=(o_k[:, None] < tl.where(i_t > 0, K, 0)) & m_v[None, :])
@@ -252,18 +260,20 @@ def chunk_bwd(grad_o, grad_ht, q, k, v, g, beta, scale, initial_state, cu_seqlen
     stride_g = (0, 0, 0) if g is None else g.stride()
     strides = (*q.stride()[:3], *k.stride()[:3], *grad_o.stride()[:3], *stride_g, *beta.stride())
     flags = dict(USE_G=g is not None, IS_VARLEN=cu_seqlens is not None, num_warps=NUM_WARPS)
-    bk = min(BK, block_k(K))
+    state_bk, bk, bv = STATE_BK, min(BK, block_k(K)), BV
+    if whole_tiles(q):  # the interpreter (``triton_chunk.whole_tiles``)
+        state_bk, bk, bv = block_k(K), block_k(K), block_k(V)
     sums = q.new_empty(NS, HS, triton.cdiv(K, bk), SUMS.value, C, dtype=torch.float32)  # [NS, HS, NK, 4, C]
     dtt = q.new_empty(NS, HS, 2, C, C, dtype=torch.float32)  # [NS, HS, 2, C, C]
     norms = q.new_empty(NS, HS, 2, C, dtype=torch.float32)  # [NS, HS, 2, C]
     with _guard(q):
         if N * HS:
-            chunk_state_bwd_kernel[(N * HS, triton.cdiv(V, BV))](
+            chunk_state_bwd_kernel[(N * HS, triton.cdiv(V, bv))](
                 q, k, grad_o, g, beta, A, grad_ht, R, dS_end, dh0, first, cu_seqlens,
                 T, HS, HQ, HK, K, V, W, S,
                 *strides,
                 scale,
-                BT=C, BK=STATE_BK, BV=BV, USE_QK_L2NORM=use_qk_l2norm, **flags,
+                BT=C, BK=state_bk, BV=bv, USE_QK_L2NORM=use_qk_l2norm, **flags,
                 INT64=needs_int64(q, k, grad_o, g, beta, A, grad_ht, R, dS_end, dh0))
         if NS * HS:
             chunk_grad_state_kernel[(NS, HS, triton.cdiv(K, bk))](
@@ -271,14 +281,14 @@ def chunk_bwd(grad_o, grad_ht, q, k, v, g, beta, scale, initial_state, cu_seqlen
                 T, HS, HQ, HK, K, V, W, S,
                 *strides,
                 scale,
-                BT=C, BK=bk, BV=BV, **flags,
+                BT=C, BK=bk, BV=bv, **flags,
                 INT64=needs_int64(q, k, grad_o, g, beta, h_start, delta, R, dS_end, dq_part, dk_part, sums))
             chunk_grad_kernel[(NS, HS)](
                 q, k, v, grad_o, g, beta, delta, R, sums, dv_part, dbeta, dg, dtt, norms, slots, cu_seqlens,
                 T, HS, HQ, HK, HV, K, V, W, S,
                 *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *grad_o.stride()[:3], *stride_g, *beta.stride(),
                 scale,
-                BT=C, BK=bk, BV=BV, USE_QK_L2NORM=use_qk_l2norm, **flags,
+                BT=C, BK=bk, BV=bv, USE_QK_L2NORM=use_qk_l2norm, **flags,
                 INT64=needs_int64(q, k, v, grad_o, g, beta, delta, R, sums, dv_part, dbeta, dg, dtt, norms))
             chunk_grad_intra_kernel[(NS, HS, triton.cdiv(K, bk))](
                 q, k, dtt, norms, dq_part, dk_part, slots, cu_seqlens,
@@ -296,7 +306,7 @@ def _aot_cases():
     serves every head dim) and the reduction at its largest tile (K or V = 256)."""
     cases = []
     for dtype in ("bf16", "fp32"):
-        # fp32 on sm_90: ptxas holds the reverse pass to 128 registers and spills 4 words; recorded.
+        # fp32 on sm_90: ptxas holds the reverse pass to 128 registers and spills 2 words; recorded.
         cases += [aot_case(chunk_state_bwd_kernel, dtype, full=True, BT=64, BK=STATE_BK, BV=BV,
                            must_not_spill=dtype != "fp32"),
                   aot_case(chunk_grad_reduce_kernel, dtype, full=True, BR=BR, BD=256)]
