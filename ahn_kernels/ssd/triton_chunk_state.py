@@ -8,6 +8,11 @@ Chunk k of sequence n holds m in [k L, k L + L); slots past M_n are padding
 (batch c // NC_SEQ, k = c % NC_SEQ); varlen, (chunk_seq[c], c - chunk_first[n]),
 both maps built on the device (no host sync) with an upper bound on the count.
 
+Decays: exp(a_i) from the prefix sums; those of a pair, exp(a_i - a_j), and to the chunk's end,
+exp(a_last - a_j), from the steps dt A they span (``block_decays``, ``end_decays``, on
+``scan_tiles``'s pieces), never as a difference of prefix sums: after one step of dt A = -1e4
+those sit near -1e4, and the fp32 difference of two of them is off by 6e-4.
+
 Stages (one kernel each, every accumulator fp32):
 1. ``ssd_chunk_cumsum_kernel``: dt = clamp(softplus(dt + dt_bias), dt_limit) and
    the inclusive prefix sum of dt A within each chunk, [NC, H, L] each.
@@ -22,7 +27,7 @@ Stages (one kernel each, every accumulator fp32):
 
 Tiles (H100/H200, untuned: no GPU was available to measure): chunk state BT = BP = BN
 = 32, 4 warps; state pass 1024 elements, 4 warps. Register counts from ptxas
-(``python -m ahn_kernels.triton_aot``, sm_80/sm_90): chunk state 125-178, state pass
+(``python -m ahn_kernels.triton_aot``, sm_80/sm_90): chunk state 145-189, state pass
 32-48, cumsum 21-45, no spills. 64-wide tiles spilled (up to 1,500 words at sm_80).
 Every dot reads fp32 operands with ``input_precision="tf32x3"``: three TF32 tensor-core
 products, near-fp32 accuracy (plain TF32, about 1e-3 relative, misses DESIGN §4's
@@ -39,6 +44,7 @@ import triton
 import triton.language as tl
 
 from ..triton_aot import AOTCase
+from ..scan_tiles import pair_decays, rest_sums
 
 BT, BP, BN = 32, 32, 32
 PASS_BLOCK = 1024
@@ -70,6 +76,32 @@ def chunk_of(i_c, cu_seqlens, chunk_seq, chunk_first, T, N, NC_SEQ, W, S, IS_VAR
         k = i_c % NC_SEQ
     M = tl.maximum(eos - bos - W - S, 0)
     return i_n, i_b, bos, M, k
+
+
+@triton.jit
+def _steps_after(dt_out, base_a, b_A, lo, hi, L: tl.constexpr):
+    """Σ_{lo <= m < hi} dt_m A over chunk-local slots, summed directly (``scan_tiles``)."""
+    o_m = tl.arange(0, L)
+    return tl.sum(tl.where((o_m >= lo) & (o_m < hi), tl.load(dt_out + base_a + o_m) * b_A, 0.0), 0)
+
+
+@triton.jit
+def block_decays(dt_out, base_a, b_A, i0, j0, L: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr):
+    """E_ij = exp(Σ_{j < m <= i} dt_m A) [BI, BJ] for chunk-local rows i0 + [0, BI) and columns
+    j0 + [0, BJ), j0 <= i0 (both blocks of one size, or the columns' block before the rows'),
+    0 for j > i: ``scan_tiles.pair_decays`` on the chunk's steps dt A."""
+    o_i = i0 + tl.arange(0, BI)
+    o_j = j0 + tl.arange(0, BJ)
+    b_gi = tl.load(dt_out + base_a + o_i) * b_A
+    b_gj = tl.load(dt_out + base_a + o_j) * b_A
+    return pair_decays(b_gi, b_gj, _steps_after(dt_out, base_a, b_A, j0 + BJ, i0, L), o_i, o_j, i0 == j0)
+
+
+@triton.jit
+def end_decays(dt_out, base_a, b_A, j0, L: tl.constexpr, BJ: tl.constexpr):
+    """te_j = exp(Σ_{m > j} dt_m A) [BJ] for chunk-local slots j0 + [0, BJ): the decay to the chunk's end."""
+    b_gj = tl.load(dt_out + base_a + j0 + tl.arange(0, BJ)) * b_A
+    return tl.exp(rest_sums(b_gj) + _steps_after(dt_out, base_a, b_A, j0 + BJ, L, L))
 
 
 @triton.jit
@@ -111,7 +143,7 @@ def ssd_chunk_cumsum_kernel(
 @triton.jit
 def ssd_chunk_state_kernel(
     # pointers
-    u, v, dt, dA_cs, cu_seqlens, chunk_seq, chunk_first, out,
+    u, v, dt, A, dA_cs, cu_seqlens, chunk_seq, chunk_first, out,
     # sizes
     T, H, G, P, NS, N, NC_SEQ, W, S, SHIFT,
     # strides of u [B, T, H, P] and v [B, T, G, N_state]
@@ -141,18 +173,17 @@ def ssd_chunk_state_kernel(
     r0 = bos + S + SHIFT + k * L
     p_u = u + i_b * stride_ub + i_h * stride_uh + r0 * stride_ut
     p_v = v + i_b * stride_vb + (i_h // (H // G)) * stride_vg + r0 * stride_vt
-    b_last = tl.load(dA_cs + base_a + L - 1)
+    b_A = tl.load(A + i_h)
     b_acc = tl.zeros([BP, BN], dtype=tl.float32)
     for i0 in range(0, tl.minimum(L, M - k * L), BT):
         o_i = i0 + tl.arange(0, BT)
         m_i = (k * L + o_i < M) & (o_i < L)
         b_u = tl.load(p_u + o_i[:, None] * stride_ut + o_p[None, :], mask=m_i[:, None] & m_p[None, :], other=0.0)
         b_v = tl.load(p_v + o_i[:, None] * stride_vt + o_n[None, :], mask=m_i[:, None] & m_n[None, :], other=0.0)
-        b_a = tl.load(dA_cs + base_a + o_i, mask=m_i, other=0.0)
         if FROM_START:
-            b_w = tl.exp(b_a)
+            b_w = tl.exp(tl.load(dA_cs + base_a + o_i, mask=m_i, other=0.0))
         else:
-            b_w = tl.exp(b_last - b_a) * tl.load(dt + base_a + o_i, mask=m_i, other=0.0)
+            b_w = end_decays(dt, base_a, b_A, i0, L, BT) * tl.load(dt + base_a + o_i, mask=m_i, other=0.0)
         b_uw = b_u.to(tl.float32) * b_w[:, None]
         b_acc += tl.dot(tl.trans(b_uw), b_v.to(tl.float32), input_precision="tf32x3")
     p_out = out + (i_c * H + i_h) * P * NS + o_p[:, None] * NS + o_n[None, :]
@@ -255,7 +286,7 @@ def chunk_cumsum(dt, A, dt_bias, dt_softplus, dt_min, dt_max, lay):
     return dt_out, dA_cs
 
 
-def chunk_state(u, v, dt_out, dA_cs, lay, from_start):
+def chunk_state(u, v, dt_out, A, dA_cs, lay, from_start):
     """sum_i w_i u_iᵀ v_i per chunk and head, [NC, H, P, N_state] fp32 (module docstring, stage 2)."""
     H, P = u.shape[2:]
     G, NS = v.shape[2:]
@@ -263,7 +294,7 @@ def chunk_state(u, v, dt_out, dA_cs, lay, from_start):
     if lay.NC * H:
         grid = (lay.NC, H, triton.cdiv(P, BP) * triton.cdiv(NS, BN))
         ssd_chunk_state_kernel[grid](
-            u, v, dt_out, dA_cs, *lay.args(), out,
+            u, v, dt_out, A, dA_cs, *lay.args(), out,
             lay.T, H, G, P, NS, lay.N, lay.NC_SEQ, lay.W, lay.S, lay.W if from_start else 0,
             *u.stride()[:3], *v.stride()[:3],
             L=lay.L, BT=min(BT, lay.L), BP=BP, BN=BN, FROM_START=from_start, IS_VARLEN=lay.cu is not None,
@@ -296,7 +327,7 @@ def chunk_states(x, dt, A, B, dt_bias, h0, dt_softplus, dt_min, dt_max, lay, fin
     Returns dt_out, dA_cs [NC, H, L] and h_in [NC, H, P, N_state] (the state entering each chunk).
     """
     dt_out, dA_cs = chunk_cumsum(dt, A, dt_bias, dt_softplus, dt_min, dt_max, lay)
-    h_in = chunk_state(x, B, dt_out, dA_cs, lay, from_start=False)
+    h_in = chunk_state(x, B, dt_out, A, dA_cs, lay, from_start=False)
     state_pass(h_in, dA_cs, h0, lay, final)
     return dt_out, dA_cs, h_in
 
@@ -328,7 +359,8 @@ def _cumsum_case(L, varlen):
 
 def _state_case(dtype, L, from_start, varlen):
     ptrs, absent = _maps(varlen)
-    ptrs.update(u="*fp32" if from_start else f"*{dtype}", v=f"*{dtype}", dt="*fp32", dA_cs="*fp32", out="*fp32")
+    ptrs.update(u="*fp32" if from_start else f"*{dtype}", v=f"*{dtype}", dt="*fp32", A="*fp32", dA_cs="*fp32",
+                out="*fp32")
     label = f"{dtype} L={L}{' from-start (bwd)' if from_start else ''}{' varlen' if varlen else ''}"
     return aot_case(label, ssd_chunk_state_kernel, ptrs,
                     dict(absent, L=L, BT=min(BT, L), BP=BP, BN=BN, FROM_START=from_start, IS_VARLEN=varlen))
