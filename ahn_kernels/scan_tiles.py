@@ -2,12 +2,19 @@
 and the SSD (``ssd/triton_*.py``) are both gated linear attention within a chunk, with a scalar
 log decay per token (g of the gated delta rule, dt·A of the SSD) and a state carried between chunks.
 
-Pieces (each used by both ops; the table of callers is in the README of the change, and
-``grep`` finds them):
+Pieces (both ops call each, but the products: see there):
 
+- Chunk layout: every (lag-shifted, varlen or dense) sequence is cut into chunks of its own;
+  sequence n absorbs M_n = max(0, L_n - W - S) tokens, token m reading its inputs at row
+  bos + S + m and read out at row bos + S + W + m. ``chunk_slots`` numbers the chunks on the
+  device (no host sync) into a slot table (sequence, chunk in sequence), an upper bound of
+  slots under varlen whose extra slots say -1; ``chunk_at`` / ``sequence`` give a kernel its
+  slot's sequence, chunk, batch row, bos and M.
 - Products at a stated precision: ``dot_in`` for raw input tiles (16-bit ones exact on the
   tensor cores), ``dot_f32`` for computed fp32 tiles (IEEE fp32 for fp32 inputs, tf32 for
-  16-bit ones), ``dot_tf32`` (the interpreter truncates operands to tf32's mantissa).
+  16-bit ones), ``dot_tf32`` (the interpreter truncates operands to tf32's mantissa). The delta
+  rule's policy; the SSD kernels still multiply fp32 operands in tf32x3 (their docstrings), whose
+  move to these is not yet checked against the AOT spills and the 16-bit bars.
 - Pair decays Γ_ij = exp(Σ_{j<m<=i} g_m) (``pair_decays``) and the decays to the chunk's
   end exp(Σ_{m>j} g_m) (``rest_sums``), each a sum of the steps it spans, taken directly:
   never the difference of two prefix sums, which in fp32 loses the small differences after a
@@ -16,8 +23,8 @@ Pieces (each used by both ops; the table of callers is in the README of the chan
 - The gradient of a log decay as crossing sums (``crossing_sums``): d g_k sums each term whose
   decay spans step k (readout i >= k, key j < k), never "readout terms minus key terms, then a
   suffix sum": there the pairs on one side of k cancel, and their fp32 rounding swamps a
-  gradient that strong decays make tiny (delta rule at g = -5 per token: dg 4.7e-5 relative;
-  SSD at dt·A = -20 .. -200: dA off by 1e9).
+  gradient that strong decays make tiny (Triton delta rule at g = -8 per token: dg 5.3e-4
+  relative; SSD at dt·A = -20 .. -200: dA off by 1e9).
 
 Not shared, because it is not the same math: the pass over a sequence's chunks. The delta
 rule's carries S through the UT-corrected Δ = A diag(β)(V - K S_0), which reads the state
@@ -34,10 +41,60 @@ from __future__ import annotations
 
 import os
 
+import torch
 import triton
 import triton.language as tl
 
 INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
+
+
+# ----------------------------------------------------------------------------
+# chunk layout
+# ----------------------------------------------------------------------------
+@triton.jit
+def sequence(i_n, cu_seqlens, T, W, S, IS_VARLEN: tl.constexpr):
+    """(batch index, first row, memory steps) of sequence i_n, int64 (B·T·H·D may pass 2^31)."""
+    if IS_VARLEN:
+        i_b = tl.zeros([], dtype=tl.int64)
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        n_rows = tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos
+    else:
+        i_b = i_n.to(tl.int64)
+        bos = tl.zeros([], dtype=tl.int64)
+        n_rows = tl.zeros([], dtype=tl.int64) + T
+    return i_b, bos, tl.maximum(n_rows - W - S, 0)
+
+
+
+@triton.jit
+def chunk_at(slots, i_s, cu_seqlens, T, W, S, IS_VARLEN: tl.constexpr):
+    """(sequence, chunk in sequence, batch index, first row, memory steps) of slot i_s of the
+    ``chunk_slots`` table; the sequence is -1 past the last chunk, and the caller returns."""
+    i_n = tl.load(slots + 2 * i_s)
+    i_b, bos, M = sequence(tl.maximum(i_n, 0), cu_seqlens, T, W, S, IS_VARLEN)
+    return i_n, tl.load(slots + 2 * i_s + 1), i_b, bos, M
+
+def chunk_slots(cu_seqlens, B: int, T: int, C: int, W: int, S: int, device):
+    """Number the chunks of every sequence, on the device (no host sync).
+
+    Returns ``(slots, first_slot)``: slots [NS, 2] int32 holds (sequence, chunk in sequence)
+    per slot, (-1, 0) past the last one; first_slot [N] int32 is each sequence's first slot.
+    NS is exact for equal-length batches and the bound cdiv(T, C) + N under varlen.
+    """
+    if cu_seqlens is None:
+        steps = torch.full((B,), max(T - W - S, 0), dtype=torch.int64, device=device)  # [N]
+        n_slots = B * triton.cdiv(max(T - W - S, 0), C)
+    else:
+        steps = (cu_seqlens[1:] - cu_seqlens[:-1] - W - S).clamp(min=0)  # [N]
+        n_slots = triton.cdiv(T, C) + steps.shape[0]
+    chunks = (steps + C - 1) // C  # [N]
+    ends = chunks.cumsum(0)  # [N]
+    slot = torch.arange(n_slots, device=device)  # [NS]
+    seq = torch.searchsorted(ends, slot, right=True)  # [NS]
+    valid = seq < steps.shape[0]
+    seq = seq.clamp(max=max(steps.shape[0] - 1, 0))
+    table = torch.stack([torch.where(valid, seq, -1), torch.where(valid, slot - (ends - chunks)[seq], 0)], 1)
+    return table.to(torch.int32).contiguous(), (ends - chunks).to(torch.int32)
 
 
 # ----------------------------------------------------------------------------

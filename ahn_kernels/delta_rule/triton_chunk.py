@@ -61,7 +61,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..scan_tiles import chunk_decays, dot_f32, dot_in, rest_sums
+from ..scan_tiles import chunk_at, chunk_decays, chunk_slots, dot_f32, dot_in, rest_sums, sequence
 
 # aot_case is the backward's (triton_chunk_bwd imports the forward's helpers from here).
 from .triton_chunk_ut import (
@@ -70,7 +70,6 @@ from .triton_chunk_ut import (
     TILES,
     _load_gate,
     _load_rows,
-    _sequence,
     aot_case,
     aot_corners,
     chunk_ut_kernel,
@@ -127,7 +126,7 @@ def chunk_state_kernel(
     i_v = tl.program_id(1)
     i_n = i_nh // HS
     i_h = i_nh % HS
-    i_b, bos, M = _sequence(i_n, cu_seqlens, T, W, S, IS_VARLEN)
+    i_b, bos, M = sequence(i_n, cu_seqlens, T, W, S, IS_VARLEN)
     row_kv = bos + S
     i_hk = i_h // (HS // HK)
     i_hv = i_h // (HS // HV)
@@ -217,11 +216,9 @@ def chunk_out_kernel(
     i_s = tl.program_id(0)
     i_h = tl.program_id(1)
     i_v = tl.program_id(2)
-    i_n = tl.load(slots + 2 * i_s)
+    i_n, i_t, i_b, bos, M = chunk_at(slots, i_s, cu_seqlens, T, W, S, IS_VARLEN)
     if i_n < 0:
         return
-    i_t = tl.load(slots + 2 * i_s + 1)
-    i_b, bos, M = _sequence(i_n, cu_seqlens, T, W, S, IS_VARLEN)
     i_hq = i_h // (HS // HQ)
     i_hk = i_h // (HS // HK)
     DT: tl.constexpr = q.dtype.element_ty
@@ -271,29 +268,6 @@ def chunk_out_kernel(
 
 def block_k(K: int) -> int:
     return max(MIN_BK, triton.next_power_of_2(K))
-
-
-def chunk_slots(cu_seqlens, B: int, T: int, C: int, W: int, S: int, device):
-    """Number the chunks of every sequence, on the device (no host sync).
-
-    Returns ``(slots, first_slot)``: slots [NS, 2] int32 holds (sequence, chunk in sequence)
-    per slot, (-1, 0) past the last one; first_slot [N] int32 is each sequence's first slot.
-    NS is exact for equal-length batches and the bound cdiv(T, C) + N under varlen.
-    """
-    if cu_seqlens is None:
-        steps = torch.full((B,), max(T - W - S, 0), dtype=torch.int64, device=device)  # [N]
-        n_slots = B * triton.cdiv(max(T - W - S, 0), C)
-    else:
-        steps = (cu_seqlens[1:] - cu_seqlens[:-1] - W - S).clamp(min=0)  # [N]
-        n_slots = triton.cdiv(T, C) + steps.shape[0]
-    chunks = (steps + C - 1) // C  # [N]
-    ends = chunks.cumsum(0)  # [N]
-    slot = torch.arange(n_slots, device=device)  # [NS]
-    seq = torch.searchsorted(ends, slot, right=True)  # [NS]
-    valid = seq < steps.shape[0]
-    seq = seq.clamp(max=max(steps.shape[0] - 1, 0))
-    table = torch.stack([torch.where(valid, seq, -1), torch.where(valid, slot - (ends - chunks)[seq], 0)], 1)
-    return table.to(torch.int32).contiguous(), (ends - chunks).to(torch.int32)
 
 
 def _guard(x):

@@ -43,14 +43,13 @@ import torch
 import triton
 import triton.language as tl
 
-from ..scan_tiles import chunk_decays, dot_f32, dot_in
+from ..scan_tiles import chunk_decays, dot_f32, dot_in, sequence
 from .triton_chunk import (
     L2NORM_EPS,
     NUM_WARPS,
     _guard,
     _load_gate,
     _load_rows,
-    _sequence,
     aot_case,
     block_k,
     chunk_fwd_states,
@@ -95,7 +94,7 @@ def chunk_state_bwd_kernel(
     i_v = tl.program_id(1)
     i_n = i_nh // HS
     i_h = i_nh % HS
-    i_b, bos, M = _sequence(i_n, cu_seqlens, T, W, S, IS_VARLEN)
+    i_b, bos, M = sequence(i_n, cu_seqlens, T, W, S, IS_VARLEN)
     row_kv = bos + S
     row_q = row_kv + W
     i_hq = i_h // (HS // HQ)

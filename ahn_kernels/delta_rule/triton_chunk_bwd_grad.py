@@ -24,8 +24,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ..scan_tiles import chunk_decays, crossing_sums, dot_f32, dot_in, exclusive_cumsum, rest_sums
-from .triton_chunk import L2NORM_EPS, _load_gate, _load_rows, _sequence, aot_case
+from ..scan_tiles import chunk_at, chunk_decays, crossing_sums, dot_f32, dot_in, exclusive_cumsum, rest_sums
+from .triton_chunk import L2NORM_EPS, _load_gate, _load_rows, aot_case
 
 # K slice of these kernels and V tile of every backward kernel, for every input dtype: the largest
 # that compile without spills (aligned head dims) for fp32 (IEEE products on the FMA units) and
@@ -63,11 +63,9 @@ def chunk_grad_state_kernel(
     i_s = tl.program_id(0)
     i_h = tl.program_id(1)
     i_k = tl.program_id(2)
-    i_n = tl.load(slots + 2 * i_s)
+    i_n, i_t, i_b, bos, M = chunk_at(slots, i_s, cu_seqlens, T, W, S, IS_VARLEN)
     if i_n < 0:
         return
-    i_t = tl.load(slots + 2 * i_s + 1)
-    i_b, bos, M = _sequence(i_n, cu_seqlens, T, W, S, IS_VARLEN)
     i_hq = i_h // (HS // HQ)
     i_hk = i_h // (HS // HK)
     DT: tl.constexpr = q.dtype.element_ty
@@ -149,11 +147,9 @@ def chunk_grad_kernel(
     inverse norms r_q, r_k into norms [slots, HS, 2, BT], for ``chunk_grad_intra_kernel``."""
     i_s = tl.program_id(0)
     i_h = tl.program_id(1)
-    i_n = tl.load(slots + 2 * i_s)
+    i_n, i_t, i_b, bos, M = chunk_at(slots, i_s, cu_seqlens, T, W, S, IS_VARLEN)
     if i_n < 0:
         return
-    i_t = tl.load(slots + 2 * i_s + 1)
-    i_b, bos, M = _sequence(i_n, cu_seqlens, T, W, S, IS_VARLEN)
     i_hq = i_h // (HS // HQ)
     i_hk = i_h // (HS // HK)
     i_hv = i_h // (HS // HV)
@@ -271,11 +267,9 @@ def chunk_grad_intra_kernel(
     i_s = tl.program_id(0)
     i_h = tl.program_id(1)
     i_k = tl.program_id(2)
-    i_n = tl.load(slots + 2 * i_s)
+    i_n, i_t, i_b, bos, M = chunk_at(slots, i_s, cu_seqlens, T, W, S, IS_VARLEN)
     if i_n < 0:
         return
-    i_t = tl.load(slots + 2 * i_s + 1)
-    i_b, bos, M = _sequence(i_n, cu_seqlens, T, W, S, IS_VARLEN)
     i_hq = i_h // (HS // HQ)
     i_hk = i_h // (HS // HK)
     DT: tl.constexpr = q.dtype.element_ty

@@ -22,8 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..scan_tiles import chunk_at, dot_f32, dot_in, pair_decays
 from ..triton_aot import AOTCase
-from ..scan_tiles import dot_f32, dot_in, pair_decays
 
 NUM_WARPS = 8
 # (K slice of the forward's products, V tile of the state pass, V tile of the readout) per input
@@ -33,20 +33,6 @@ NUM_WARPS = 8
 TILES = {torch.float32: (16, 16, 16), torch.float16: (32, 32, 64), torch.bfloat16: (32, 32, 64)}
 L2NORM_EPS = tl.constexpr(1e-6)
 BB = tl.constexpr(16)  # block of the UT inverse: the smallest tile tl.dot takes
-
-
-@triton.jit
-def _sequence(i_n, cu_seqlens, T, W, S, IS_VARLEN: tl.constexpr):
-    """(batch index, first row, memory steps) of sequence i_n, int64 (B·T·H·D may pass 2^31)."""
-    if IS_VARLEN:
-        i_b = tl.zeros([], dtype=tl.int64)
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        n_rows = tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos
-    else:
-        i_b = i_n.to(tl.int64)
-        bos = tl.zeros([], dtype=tl.int64)
-        n_rows = tl.zeros([], dtype=tl.int64) + T
-    return i_b, bos, tl.maximum(n_rows - W - S, 0)
 
 
 @triton.jit
@@ -151,11 +137,9 @@ def chunk_ut_kernel(
     """A = (I + strict_lower(diag(β) K Kᵀ ⊙ Γ))^-1 per chunk and state head, fp32, into A [slots, HS, BT, BT]."""
     i_s = tl.program_id(0)
     i_hk = tl.program_id(1)
-    i_n = tl.load(slots + 2 * i_s)
+    i_n, i_t, i_b, bos, M = chunk_at(slots, i_s, cu_seqlens, T, W, S, IS_VARLEN)
     if i_n < 0:  # slot past the last chunk (the grid is an upper bound under varlen)
         return
-    i_t = tl.load(slots + 2 * i_s + 1)
-    i_b, bos, M = _sequence(i_n, cu_seqlens, T, W, S, IS_VARLEN)
     row_kv = bos + S
     DT: tl.constexpr = k.dtype.element_ty
 

@@ -25,8 +25,9 @@ import math
 import triton
 import triton.language as tl
 
+from ..scan_tiles import chunk_at
 from . import triton_chunk_state as cs
-from .triton_chunk_state import block_decays, chunk_of
+from .triton_chunk_state import block_decays
 
 BM, BP, BN = 32, 64, 32
 BM_EMPTY = 16
@@ -50,9 +51,9 @@ def epilogue(b_y, x, z, D, base_x, base_z, off_x, off_z, o_p, m_rows, m_p, i_h, 
 @triton.jit
 def ssd_chunk_scan_kernel(
     # pointers
-    x, B, C, D, z, dt_out, A, dA_cs, h_in, cu_seqlens, chunk_seq, chunk_first, out,
+    x, B, C, D, z, dt_out, A, dA_cs, h_in, cu_seqlens, slots, out,
     # sizes
-    T, H, G, P, NS, N, NC_SEQ, W, S,
+    T, H, G, P, NS, W, S,
     # strides
     stride_xb, stride_xt, stride_xh,
     stride_Bb, stride_Bt, stride_Bg,
@@ -73,10 +74,12 @@ def ssd_chunk_scan_kernel(
     i_c = tl.program_id(0).to(tl.int64)
     i_h = tl.program_id(1)
     i_mp = tl.program_id(2)
-    i_n, i_b, bos, M, k = chunk_of(i_c, cu_seqlens, chunk_seq, chunk_first, T, N, NC_SEQ, W, S, IS_VARLEN)
+    i_n, k, i_b, bos, M = chunk_at(slots, i_c, cu_seqlens, T, W, S, IS_VARLEN)
+    if i_n < 0:  # slot past the last chunk (the grid is an upper bound under varlen)
+        return
     n_ptiles = tl.cdiv(P, BP)
     i_m = i_mp // n_ptiles
-    if (i_n >= N) | (k * L + i_m * BM >= M):
+    if k * L + i_m * BM >= M:
         return
     i_g = i_h // (H // G)
     o_i = i_m * BM + tl.arange(0, BM)  # chunk-local rows of this block
@@ -204,7 +207,7 @@ def chunk_scan(x, B, C, D, z, dt_out, A, dA_cs, h_in, lay, out, gate=True):
         grid = (lay.NC, H, triton.cdiv(lay.L, bm) * triton.cdiv(P, BP))
         ssd_chunk_scan_kernel[grid](
             x, B, C, D, z, dt_out, A, dA_cs, h_in, *lay.args(), out,
-            T, H, G, P, NS, lay.N, lay.NC_SEQ, lay.W, lay.S,
+            T, H, G, P, NS, lay.W, lay.S,
             *x.stride()[:3], *B.stride()[:3], *C.stride()[:3], *z_strides, *out.stride()[:3], D_sh, D_sp,
             L=lay.L, BM=bm, BP=BP, BN=BN, **flags, num_warps=NUM_WARPS,
         )
@@ -239,12 +242,13 @@ def ssd_chunk_scan_fwd(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states
 def _scan_case(dtype, L, full, gate=True):
     """``full``: D [H, P], z, varlen; ``gate`` False: the backward's fp32 pre-gate output."""
     ptrs = {n: f"*{dtype}" for n in ("x", "B", "C")}
-    ptrs.update(dt_out="*fp32", A="*fp32", dA_cs="*fp32", h_in="*fp32", out=f"*{dtype}" if gate else "*fp32")
+    ptrs.update(dt_out="*fp32", A="*fp32", dA_cs="*fp32", h_in="*fp32", slots="*i32",
+                out=f"*{dtype}" if gate else "*fp32")
     absent = {}
     if full:
-        ptrs.update(D="*fp32", z=f"*{dtype}", cu_seqlens="*i64", chunk_seq="*i32", chunk_first="*i32")
+        ptrs.update(D="*fp32", z=f"*{dtype}", cu_seqlens="*i64")
     else:
-        absent = {"D": None, "z": None, "cu_seqlens": None, "chunk_seq": None, "chunk_first": None}
+        absent = {"D": None, "z": None, "cu_seqlens": None}
     label = f"{dtype} L={L}{' D z varlen' if full else ''}{'' if gate else ' pre-gate (bwd)'}"
     return cs.aot_case(label, ssd_chunk_scan_kernel, ptrs,
                        dict(absent, L=L, BM=min(BM, L), BP=BP, BN=BN, HAS_D=full, HAS_Z=full, GATE=gate,

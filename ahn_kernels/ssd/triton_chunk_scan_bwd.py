@@ -46,10 +46,10 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from ..scan_tiles import chunk_at, crossing_sums, exclusive_cumsum
 from . import triton_chunk_scan as scan
 from . import triton_chunk_state as cs
-from ..scan_tiles import crossing_sums, exclusive_cumsum
-from .triton_chunk_state import block_decays, chunk_of, end_decays
+from .triton_chunk_state import block_decays, end_decays
 
 BM, BP, BN = 32, 32, 32
 BK_DDA = 16  # the dda kernel's P and N_state slices: 32 spilled (ptxas, sm_80 and sm_90)
@@ -59,9 +59,9 @@ NUM_WARPS = 8
 @triton.jit
 def ssd_bwd_dx_kernel(
     # pointers
-    B, C, dy, dt_out, A, dstates, cu_seqlens, chunk_seq, chunk_first, dxdt,
+    B, C, dy, dt_out, A, dstates, cu_seqlens, slots, dxdt,
     # sizes
-    T, H, G, P, NS, N, NC_SEQ, W, S,
+    T, H, G, P, NS, W, S,
     # strides
     stride_Bb, stride_Bt, stride_Bg,
     stride_Cb, stride_Ct, stride_Cg,
@@ -76,8 +76,8 @@ def ssd_bwd_dx_kernel(
     i_c = tl.program_id(0).to(tl.int64)
     i_h = tl.program_id(1)
     i_jp = tl.program_id(2)
-    i_n, i_b, bos, M, k = chunk_of(i_c, cu_seqlens, chunk_seq, chunk_first, T, N, NC_SEQ, W, S, IS_VARLEN)
-    if i_n >= N:
+    i_n, k, i_b, bos, M = chunk_at(slots, i_c, cu_seqlens, T, W, S, IS_VARLEN)
+    if i_n < 0:  # slot past the last chunk (the grid is an upper bound under varlen)
         return
     n_ptiles = tl.cdiv(P, BP)
     i_jb = i_jp // n_ptiles
@@ -128,9 +128,9 @@ def ssd_bwd_dx_kernel(
 @triton.jit
 def ssd_bwd_dbc_kernel(
     # pointers
-    x, B, C, dy, dt_out, A, dA_cs, h_in, dstates, cu_seqlens, chunk_seq, chunk_first, dbc,
+    x, B, C, dy, dt_out, A, dA_cs, h_in, dstates, cu_seqlens, slots, dbc,
     # sizes
-    T, H, G, P, NS, N, NC_SEQ, W, S,
+    T, H, G, P, NS, W, S,
     # strides
     stride_xb, stride_xt, stride_xh,
     stride_Bb, stride_Bt, stride_Bg,
@@ -148,8 +148,8 @@ def ssd_bwd_dbc_kernel(
     i_c = tl.program_id(0).to(tl.int64)
     i_h = tl.program_id(1)
     i_rn = tl.program_id(2)
-    i_n, i_b, bos, M, k = chunk_of(i_c, cu_seqlens, chunk_seq, chunk_first, T, N, NC_SEQ, W, S, IS_VARLEN)
-    if i_n >= N:
+    i_n, k, i_b, bos, M = chunk_at(slots, i_c, cu_seqlens, T, W, S, IS_VARLEN)
+    if i_n < 0:  # slot past the last chunk (the grid is an upper bound under varlen)
         return
     n_ntiles = tl.cdiv(NS, BN)
     i_rb = i_rn // n_ntiles
@@ -246,9 +246,9 @@ def _state_dots(p_v, stride_v, p_u, stride_u, state, o_i, m_i, P, NS, BM: tl.con
 @triton.jit
 def ssd_bwd_dda_kernel(
     # pointers
-    x, B, C, dy, dt_out, A, dA_cs, h_in, dstates, cu_seqlens, chunk_seq, chunk_first, dda,
+    x, B, C, dy, dt_out, A, dA_cs, h_in, dstates, cu_seqlens, slots, dda,
     # sizes
-    T, H, G, P, NS, N, NC_SEQ, W, S,
+    T, H, G, P, NS, W, S,
     # strides
     stride_xb, stride_xt, stride_xh,
     stride_Bb, stride_Bt, stride_Bg,
@@ -266,8 +266,10 @@ def ssd_bwd_dda_kernel(
     i_c = tl.program_id(0).to(tl.int64)
     i_h = tl.program_id(1)
     i_m = tl.program_id(2)
-    i_n, i_b, bos, M, k = chunk_of(i_c, cu_seqlens, chunk_seq, chunk_first, T, N, NC_SEQ, W, S, IS_VARLEN)
-    if (i_n >= N) | (k * L + i_m * BM >= M):  # padding slots only: their zeros are already there
+    i_n, k, i_b, bos, M = chunk_at(slots, i_c, cu_seqlens, T, W, S, IS_VARLEN)
+    if i_n < 0:  # slot past the last chunk (the grid is an upper bound under varlen)
+        return
+    if k * L + i_m * BM >= M:  # padding positions only: their zeros are already there
         return
     i_g = i_h // (H // G)
     o_b = tl.arange(0, BM)
@@ -327,23 +329,20 @@ def ssd_bwd_dda_kernel(
 # driver
 # ----------------------------------------------------------------------------
 def _slot_rows(lay, Bsz, device):
-    """The flat row ([B * T]) each chunk slot reads x, dt, B from, and the row it is read out at; B * T
-    (a zero row) for padding. Both [NC * L] int64, built on the device."""
+    """The flat row ([B * T]) each chunk position reads x, dt, B from, and the row it is read out at; B * T
+    (a zero row) for padding. Both [NC * L] int64, built on the device from the slot table."""
     rows = Bsz * lay.T
-    c = torch.arange(lay.NC, device=device)[:, None]  # [NC, 1]
-    i = torch.arange(lay.L, device=device)[None, :]  # [1, L]
+    seq = lay.slots[:, :1].long()  # [NC, 1]; -1 past the last chunk
+    n = seq.clamp(min=0)  # [NC, 1]
+    m = lay.slots[:, 1:].long() * lay.L + torch.arange(lay.L, device=device)[None, :]  # [NC, L]
     if lay.cu is None:
+        bos = n * lay.T
         M = max(0, lay.T - lay.W - lay.S)
-        m = (c % max(lay.NC_SEQ, 1)) * lay.L + i
-        kv = (c // max(lay.NC_SEQ, 1)) * lay.T + lay.S + m
-        valid = m < M
     else:
-        n = lay.chunk_seq.long()[:, None].clamp(max=max(lay.N - 1, 0))  # [NC, 1]
         bos = lay.cu[n]
         M = (lay.cu[n + 1] - bos - lay.W - lay.S).clamp(min=0)
-        m = (c - lay.chunk_first.long()[n]) * lay.L + i
-        kv = bos + lay.S + m
-        valid = (lay.chunk_seq.long()[:, None] < lay.N) & (m < M)
+    kv = bos + lay.S + m
+    valid = (seq >= 0) & (m < M)
     return (torch.where(valid, kv, rows).reshape(-1), torch.where(valid, kv + lay.W, rows).reshape(-1))
 
 
@@ -405,7 +404,7 @@ def ssd_chunk_scan_bwd(dout, dfinal, x, dt, A, B, C, chunk_size, D, z, dt_bias, 
     dda = x.new_zeros(lay.NC, H, n_blocks, L, dtype=torch.float32)  # [NC, H, L / BM, L]: per row block
     if lay.NC * H:
         meta = dict(L=L, BM=bm, BP=BP, BN=BN, IS_VARLEN=lay.cu is not None, num_warps=NUM_WARPS)
-        sizes = (T, H, G, P, NS, lay.N, lay.NC_SEQ, lay.W, lay.S)
+        sizes = (T, H, G, P, NS, lay.W, lay.S)
         strides = (*B.stride()[:3], *C.stride()[:3], *dy.stride()[:3])
         ssd_bwd_dx_kernel[(lay.NC, H, n_blocks * triton.cdiv(P, BP))](
             B, C, dy, dt_out, A, dstates, *lay.args(), dxdt, *sizes, *strides, **meta)
@@ -443,20 +442,15 @@ def ssd_chunk_scan_bwd(dout, dfinal, x, dt, A, B, C, chunk_size, D, z, dt_bias, 
 # ----------------------------------------------------------------------------
 # ahead-of-time cases (python -m ahn_kernels.triton_aot)
 # ----------------------------------------------------------------------------
-def _maps(varlen):
-    return ({"cu_seqlens": "*i64", "chunk_seq": "*i32", "chunk_first": "*i32"} if varlen
-            else {}), ({} if varlen else {"cu_seqlens": None, "chunk_seq": None, "chunk_first": None})
-
-
 def _dx_case(dtype, L, varlen):
-    ptrs, absent = _maps(varlen)
+    ptrs, absent = cs.maps(varlen)
     ptrs.update(B=f"*{dtype}", C=f"*{dtype}", dy="*fp32", dt_out="*fp32", A="*fp32", dstates="*fp32", dxdt="*fp32")
     return cs.aot_case(f"{dtype} L={L}{' varlen' if varlen else ''}", ssd_bwd_dx_kernel, ptrs,
                        dict(absent, L=L, BM=min(BM, L), BP=BP, BN=BN, IS_VARLEN=varlen), num_warps=NUM_WARPS)
 
 
 def _dbc_case(dtype, L, for_b, varlen):
-    ptrs, absent = _maps(varlen)
+    ptrs, absent = cs.maps(varlen)
     ptrs.update(x=f"*{dtype}", B=f"*{dtype}", C=f"*{dtype}", dy="*fp32", dt_out="*fp32", A="*fp32", dA_cs="*fp32",
                 h_in="*fp32", dstates="*fp32", dbc="*fp32")
     return cs.aot_case(f"{dtype} L={L} {'dB' if for_b else 'dC'}{' varlen' if varlen else ''}", ssd_bwd_dbc_kernel,
@@ -465,7 +459,7 @@ def _dbc_case(dtype, L, for_b, varlen):
 
 
 def _dda_case(dtype, L, varlen):
-    ptrs, absent = _maps(varlen)
+    ptrs, absent = cs.maps(varlen)
     ptrs.update(x=f"*{dtype}", B=f"*{dtype}", C=f"*{dtype}", dy="*fp32", dt_out="*fp32", A="*fp32", dA_cs="*fp32",
                 h_in="*fp32", dstates="*fp32", dda="*fp32")
     return cs.aot_case(f"{dtype} L={L}{' varlen' if varlen else ''}", ssd_bwd_dda_kernel, ptrs,
