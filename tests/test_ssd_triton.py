@@ -113,18 +113,20 @@ def test_chunk_scan_varlen_lag(lengths, lag, grads):
         _check(name, got, ref, torch.float32, kind)
 
 
-@pytest.mark.parametrize("kind", ["underflow", "jump"])
+@pytest.mark.parametrize("kind", ["underflow", "jump", "huge"])
 def test_chunk_scan_bwd_strong_decays(kind):
     """d(dt A) sums the terms that cross each slot, so gradients that strong decays make tiny stay accurate:
     dt at softplus's threshold (dt A about -2 .. -20 per token: a chunk's decay products underflow), or one
-    token's decay of about exp(-4 .. -40) among weak ones."""
+    token's decay of about exp(-4 .. -40) among weak ones. "huge": dt = 1e4 at one token (dt A near -1e4):
+    the decays of the pairs after it are sums of the steps they span, not differences of prefix sums near
+    -1e4 (which put out 5.6e-4 and every gradient but dD 4e-4 .. 7e-4 off)."""
     inputs = make_ssd_inputs(1, 100, 2, 5, 7, 1, D="H", z=True, dt_bias=True, initial_states=True,
                              requires_grad=True)
     with torch.no_grad():
         if kind == "underflow":
             inputs["dt"].add_(23.0)
         else:
-            inputs["dt"][:, 40] = 40.0
+            inputs["dt"][:, 40] = 40.0 if kind == "jump" else 1e4
     for name, got, ref, grad_kind in _run(inputs, 64, None, None, True):
         _check(name, got, ref, torch.float32, grad_kind)
 

@@ -41,16 +41,17 @@ every option on, C = 64, the dtype's tiles; K is a loop count, so any K <= 256):
 
     stage        dtype   K, V multiples of 16       odd K, V (60, 100)
                          sm_80        | sm_90        sm_80        | sm_90
-    UT           bf16    173/0/16K    | 180/0/16K    181/0/16K    | 180/0/16K
-    UT           fp32    178/0/16K    | 186/0/16K    176/0/16K    | 187/0/16K
-    state pass   bf16    164/0/24K    | 168/0/24K    232/0/24K    | 232/0/24K
-    state pass   fp32    205/0/20K    | 173/0/20K    240/0/20K    | 223/0/20K
-    readout      bf16    128/0/24K    | 123/0/48K    219/0/20K    | 217/0/44K
-    readout      fp32    170/0/16K    | 170/0/16K    186/0/16K    | 190/0/16K
+    UT           bf16    208/0/16K    | 218/0/16K    211/0/16K    | 210/0/16K
+    UT           fp32    170/0/16K    | 188/0/16K    176/0/16K    | 192/0/16K
+    state pass   bf16    188/0/24K    | 205/0/24K    232/0/24K    | 248/0/24K
+    state pass   fp32    240/0/20K    | 207/0/20K    255/0/20K    | 240/0/20K
+    readout      bf16    128/0/24K    | 128/0/48K    223/0/20K    | 180/0/44K
+    readout      fp32    170/0/16K    | 170/0/16K    186/0/16K    | 198/0/16K
 
 fp16 is bf16's to the register. Every stage x dtype x C in {16, 32, 64} x options all on / all
 off x aligned / odd was swept once (``triton_aot.compile_case``, 216 compiles): no spill, at
-most 240 registers (C = 64), 166 (C = 32), 168 (C = 16). The AOT cases keep the corners.
+most 240 registers (C = 64), 166 (C = 32), 168 (C = 16), before ``scan_tiles``' direct decays
+(the table is after them). The AOT cases keep the corners.
 """
 
 from __future__ import annotations
@@ -62,18 +63,15 @@ import triton
 import triton.language as tl
 
 from .._index import needs_int64
+from ..scan_tiles import chunk_at, chunk_decays, chunk_slots, dot_f32, dot_in, rest_sums, sequence
 
 # aot_case is the backward's (triton_chunk_bwd imports the forward's helpers from here).
 from .triton_chunk_ut import (
     L2NORM_EPS,
     NUM_WARPS,
     TILES,
-    _decays,
-    _dot_f32,
-    _dot_in,
     _load_gate,
     _load_rows,
-    _sequence,
     aot_case,
     aot_corners,
     chunk_ut_kernel,
@@ -131,7 +129,7 @@ def chunk_state_kernel(
     i_v = tl.program_id(1)
     i_n = i_nh // HS
     i_h = i_nh % HS
-    i_b, bos, M = _sequence(i_n, cu_seqlens, T, W, S, IS_VARLEN, INT64)
+    i_b, bos, M = sequence(i_n, cu_seqlens, T, W, S, IS_VARLEN, INT64)
     row_kv = bos + S
     i_hk = i_h // (HS // HK)
     i_hv = i_h // (HS // HV)
@@ -168,7 +166,7 @@ def chunk_state_kernel(
             o_k = i_k * BK + tl.arange(0, BK)
             b_k = tl.load(p_k + o_k[None, :], mask=m_r & (o_k[None, :] < K), other=0.0).to(tl.float32)
             b_h = tl.load(p_h + o_k[:, None] * V + o_v[None, :], mask=(o_k[:, None] < K) & m_v[None, :], other=0.0)
-            b_ks += _dot_f32(b_k, b_h, DT)
+            b_ks += dot_f32(b_k, b_h, DT)
             b_ss += tl.sum(b_k * b_k, 1)
         if USE_QK_L2NORM:
             b_r = tl.rsqrt(b_ss + L2NORM_EPS)
@@ -185,17 +183,17 @@ def chunk_state_kernel(
         i_s = first + i_t
         b_A = tl.load(A + (i_s * HS + i_h) * BT * BT + o_t[:, None] * BT + o_t[None, :])
         b_rhs = b_beta[:, None] * (b_v - (b_r * tl.exp(b_G))[:, None] * b_ks)
-        b_d = _dot_f32(b_A, b_rhs, DT)
+        b_d = dot_f32(b_A, b_rhs, DT)
         tl.store(delta + (i_s * HS + i_h) * BT * V + o_t[:, None] * V + o_v[None, :], b_d, mask=m_v[None, :])
         # S_C = exp(G_C) S_0 + (diag(r e) K)ᵀ Δ into the next chunk's S_0, or ht after the last chunk.
-        b_ke = b_r * tl.exp(g_last - b_G)
+        b_ke = b_r * tl.exp(rest_sums(b_g))
         for i_k in range(0, tl.cdiv(K, BK)):
             o_k = i_k * BK + tl.arange(0, BK)
             m_h = (o_k[:, None] < K) & m_v[None, :]
             off_h = o_k[:, None] * V + o_v[None, :]
             b_k = tl.load(p_k + o_k[None, :], mask=m_r & (o_k[None, :] < K), other=0.0).to(tl.float32)
             b_h = tl.exp(g_last) * tl.load(p_h + off_h, mask=m_h, other=0.0)
-            b_h += _dot_f32(tl.trans(b_k * b_ke[:, None]), b_d, DT)
+            b_h += dot_f32(tl.trans(b_k * b_ke[:, None]), b_d, DT)
             tl.store(p_h + HS * K * V + off_h, b_h, mask=(o_k[:, None] < tl.where(i_t < NT - 1, K, 0)) & m_v[None, :])
             if STORE_HT:
                 tl.store(ht + i_nh.to(tl.int64 if INT64 else tl.int32) * K * V + off_h, b_h, mask=(o_k[:, None] < tl.where(i_t == NT - 1, K, 0)) & m_v[None, :])
@@ -226,11 +224,9 @@ def chunk_out_kernel(
     i_s = tl.program_id(0)
     i_h = tl.program_id(1)
     i_v = tl.program_id(2)
-    i_n = tl.load(slots + 2 * i_s)
+    i_n, i_t, i_b, bos, M = chunk_at(slots, i_s, cu_seqlens, T, W, S, IS_VARLEN, INT64)
     if i_n < 0:
         return
-    i_t = tl.load(slots + 2 * i_s + 1)
-    i_b, bos, M = _sequence(i_n, cu_seqlens, T, W, S, IS_VARLEN, INT64)
     i_hq = i_h // (HS // HQ)
     i_hk = i_h // (HS // HK)
     DT: tl.constexpr = q.dtype.element_ty
@@ -239,7 +235,7 @@ def chunk_out_kernel(
         b_g = _load_gate(g, i_b, bos + S, i_h, M, stride_gb, stride_gt, stride_gh, i_t, BT)
     else:
         b_g = tl.zeros([BT], dtype=tl.float32)
-    b_G, b_gamma, _ = _decays(b_g, BT)
+    b_G, b_gamma, _, _ = chunk_decays(b_g, BT)
 
     i_s64 = i_s.to(tl.int64 if INT64 else tl.int32)
     o_t = tl.arange(0, BT)
@@ -252,7 +248,7 @@ def chunk_out_kernel(
     for i_k in range(0, tl.cdiv(K, BK)):
         b_q = _load_rows(q, i_b, bos + S + W, i_hq, M, K, stride_qb, stride_qt, stride_qh, i_t, i_k * BK, BT, BK)
         b_k = _load_rows(k, i_b, bos + S, i_hk, M, K, stride_kb, stride_kt, stride_kh, i_t, i_k * BK, BT, BK)
-        b_qk += _dot_in(b_q, tl.trans(b_k), DT)
+        b_qk += dot_in(b_q, tl.trans(b_k), DT)
         b_sq += tl.sum(b_q * b_q, 1)
         b_sk += tl.sum(b_k * b_k, 1)
     if USE_QK_L2NORM:
@@ -261,7 +257,7 @@ def chunk_out_kernel(
     else:
         b_rq = tl.full([BT], 1.0, dtype=tl.float32)
     b_d = tl.load(delta + (i_s64 * HS + i_h) * BT * V + o_t[:, None] * V + o_v[None, :], mask=m_v[None, :], other=0.0)
-    b_o = _dot_f32(b_qk * b_gamma, b_d, DT)
+    b_o = dot_f32(b_qk * b_gamma, b_d, DT)
     # Q S_0 in a second pass over the K slices (q again, from L1/L2): one loop for both products
     # holds a third [BT, BK] tile and a second accumulator, and spilled for odd head dims
     # (ptxas, bf16, C = 64, BK = 64: 104 / 130 words at sm_80 / sm_90).
@@ -271,7 +267,7 @@ def chunk_out_kernel(
         o_k = i_k * BK + tl.arange(0, BK)
         b_q = _load_rows(q, i_b, bos + S + W, i_hq, M, K, stride_qb, stride_qt, stride_qh, i_t, i_k * BK, BT, BK)
         b_h = tl.load(p_h + o_k[:, None] * V + o_v[None, :], mask=(o_k[:, None] < K) & m_v[None, :], other=0.0)
-        b_qh += _dot_f32(b_q, b_h, DT)
+        b_qh += dot_f32(b_q, b_h, DT)
     b_o = scale * ((b_rq * tl.exp(b_G))[:, None] * b_qh + b_o)
     o_r = i_t * BT + o_t
     p_o = o + ((i_b * T + bos + S + W + o_r[:, None]) * HS + i_h) * V + o_v[None, :]
@@ -307,29 +303,6 @@ def whole_tiles(x) -> bool:
     runs them. On CUDA the tiles are always those of the module docstring (its ptxas table).
     """
     return x.device.type == "cpu" and not _gpu_tiles_on_cpu
-
-
-def chunk_slots(cu_seqlens, B: int, T: int, C: int, W: int, S: int, device):
-    """Number the chunks of every sequence, on the device (no host sync).
-
-    Returns ``(slots, first_slot)``: slots [NS, 2] int32 holds (sequence, chunk in sequence)
-    per slot, (-1, 0) past the last one; first_slot [N] int32 is each sequence's first slot.
-    NS is exact for equal-length batches and the bound cdiv(T, C) + N under varlen.
-    """
-    if cu_seqlens is None:
-        steps = torch.full((B,), max(T - W - S, 0), dtype=torch.int64, device=device)  # [N]
-        n_slots = B * triton.cdiv(max(T - W - S, 0), C)
-    else:
-        steps = (cu_seqlens[1:] - cu_seqlens[:-1] - W - S).clamp(min=0)  # [N]
-        n_slots = triton.cdiv(T, C) + steps.shape[0]
-    chunks = (steps + C - 1) // C  # [N]
-    ends = chunks.cumsum(0)  # [N]
-    slot = torch.arange(n_slots, device=device)  # [NS]
-    seq = torch.searchsorted(ends, slot, right=True)  # [NS]
-    valid = seq < steps.shape[0]
-    seq = seq.clamp(max=max(steps.shape[0] - 1, 0))
-    table = torch.stack([torch.where(valid, seq, -1), torch.where(valid, slot - (ends - chunks)[seq], 0)], 1)
-    return table.to(torch.int32).contiguous(), (ends - chunks).to(torch.int32)
 
 
 def _guard(x):

@@ -9,7 +9,7 @@ dS the gradient of the chunk's end state and e = exp(G_C - G):
     dQ   = scale · diag(exp G) dO S_0ᵀ + (scale · dO Δᵀ ⊙ Γ) K
     dK   = diag(e) Δ dSᵀ + (scale · dO Δᵀ ⊙ Γ)ᵀ Q - diag(β exp G) R S_0ᵀ + (M + Mᵀ) K,
            M = strict_lower(-R Δᵀ) ⊙ diag(β) Γ
-    dV   = diag(β) R;  dβ, dG: row sums of the same products; dg = reverse in-chunk cumsum of dG.
+    dV   = diag(β) R;  dβ: row sums of the same products; dg_k: the terms whose decay spans step k.
 
 Stages (the forward's stages 1 and 2 first recompute A, S_0 and Δ; the per-chunk
 states and their gradients are transient scratch, 2·K·V/C floats per token and head):
@@ -44,16 +44,13 @@ import triton
 import triton.language as tl
 
 from .._index import needs_int64
+from ..scan_tiles import chunk_decays, dot_f32, dot_in, sequence
 from .triton_chunk import (
     L2NORM_EPS,
     NUM_WARPS,
-    _decays,
-    _dot_f32,
-    _dot_in,
     _guard,
     _load_gate,
     _load_rows,
-    _sequence,
     aot_case,
     block_k,
     chunk_fwd_states,
@@ -100,7 +97,7 @@ def chunk_state_bwd_kernel(
     i_v = tl.program_id(1)
     i_n = i_nh // HS
     i_h = i_nh % HS
-    i_b, bos, M = _sequence(i_n, cu_seqlens, T, W, S, IS_VARLEN, INT64)
+    i_b, bos, M = sequence(i_n, cu_seqlens, T, W, S, IS_VARLEN, INT64)
     row_kv = bos + S
     row_q = row_kv + W
     i_hq = i_h // (HS // HQ)
@@ -142,8 +139,8 @@ def chunk_state_bwd_kernel(
             b_q = tl.load(p_q + o_k[None, :], mask=m_qk, other=0.0).to(tl.float32)
             b_k = tl.load(p_k + o_k[None, :], mask=m_qk, other=0.0).to(tl.float32)
             b_dh = tl.load(p_dh + o_k[:, None] * V + o_v[None, :], mask=(o_k[:, None] < K) & m_v[None, :], other=0.0)
-            b_qk += _dot_in(b_q, tl.trans(b_k), DT)
-            b_kdh += _dot_f32(b_k, b_dh, DT)
+            b_qk += dot_in(b_q, tl.trans(b_k), DT)
+            b_kdh += dot_f32(b_k, b_dh, DT)
             b_sq += tl.sum(b_q * b_q, 1)
             b_sk += tl.sum(b_k * b_k, 1)
         if USE_QK_L2NORM:
@@ -157,12 +154,12 @@ def chunk_state_bwd_kernel(
             b_g = _load_gate(g, i_b, row_kv, i_h, M, stride_gb, stride_gt, stride_gh, i_t, BT)
         else:
             b_g = tl.zeros([BT], dtype=tl.float32)
-        b_G, b_gamma, g_last = _decays(b_g, BT)
+        b_G, b_gamma, b_rest, g_last = chunk_decays(b_g, BT)
         b_qk = b_qk * b_rq[:, None] * b_rk[None, :] * b_gamma
         b_do = _load_rows(do, i_b, row_q, i_h, M, V, stride_dob, stride_dot, stride_doh, i_t, i_v * BV, BT, BV)
-        b_ddelta = scale * _dot_f32(tl.trans(b_qk), b_do, DT) + (b_rk * tl.exp(g_last - b_G))[:, None] * b_kdh
+        b_ddelta = scale * dot_f32(tl.trans(b_qk), b_do, DT) + (b_rk * tl.exp(b_rest))[:, None] * b_kdh
         b_A = tl.load(A + (i_s * HS + i_h) * BT * BT + o_t[:, None] * BT + o_t[None, :])
-        b_R = _dot_f32(tl.trans(b_A), b_ddelta, DT)
+        b_R = dot_f32(tl.trans(b_A), b_ddelta, DT)
         tl.store(R + (i_s * HS + i_h) * BT * V + o_t[:, None] * V + o_v[None, :], b_R, mask=m_v[None, :])
         # dS_0 = exp(G_C) dS + scale (diag(r_q exp G) Q)ᵀ dO - (diag(β r_k exp G) K)ᵀ R into the
         # previous chunk's dS, or dh0 before the first chunk.
@@ -175,7 +172,7 @@ def chunk_state_bwd_kernel(
             b_q = tl.load(p_q + o_k[None, :], mask=m_qk, other=0.0).to(tl.float32)
             b_k = tl.load(p_k + o_k[None, :], mask=m_qk, other=0.0).to(tl.float32)
             b_dh = tl.exp(g_last) * tl.load(p_dh + off_h, mask=(o_k[:, None] < K) & m_v[None, :], other=0.0)
-            b_dh += _dot_f32(tl.trans(b_q * b_qe[:, None]), b_do, DT) - _dot_f32(tl.trans(b_k * b_ke[:, None]), b_R, DT)
+            b_dh += dot_f32(tl.trans(b_q * b_qe[:, None]), b_do, DT) - dot_f32(tl.trans(b_k * b_ke[:, None]), b_R, DT)
             tl.store(p_dh - HS * K * V + off_h, b_dh, mask=(o_k[:, None] < tl.where(i_t > 0, K, 0)) & m_v[None, :])
             tl.store(p_dh0 + off_h, b_dh, mask=(o_k[:, None] < tl.where(i_t == 0, K, 0)) & m_v[None, :])
         p_dh -= HS * K * V

@@ -24,7 +24,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_chunk import L2NORM_EPS, _decays, _dot_f32, _dot_in, _load_gate, _load_rows, _sequence, aot_case
+from ..scan_tiles import chunk_at, chunk_decays, crossing_sums, dot_f32, dot_in, exclusive_cumsum, rest_sums
+from .triton_chunk import L2NORM_EPS, _load_gate, _load_rows, aot_case
 
 # K slice of these kernels and V tile of every backward kernel, for every input dtype: the largest
 # that compile without spills (aligned head dims) for fp32 (IEEE products on the FMA units) and
@@ -63,11 +64,9 @@ def chunk_grad_state_kernel(
     i_s = tl.program_id(0)
     i_h = tl.program_id(1)
     i_k = tl.program_id(2)
-    i_n = tl.load(slots + 2 * i_s)
+    i_n, i_t, i_b, bos, M = chunk_at(slots, i_s, cu_seqlens, T, W, S, IS_VARLEN, INT64)
     if i_n < 0:
         return
-    i_t = tl.load(slots + 2 * i_s + 1)
-    i_b, bos, M = _sequence(i_n, cu_seqlens, T, W, S, IS_VARLEN, INT64)
     i_hq = i_h // (HS // HQ)
     i_hk = i_h // (HS // HK)
     DT: tl.constexpr = q.dtype.element_ty
@@ -92,9 +91,9 @@ def chunk_grad_state_kernel(
         b_d = tl.load(delta + base_d + o_t[:, None] * V + o_v[None, :], mask=m_v[None, :], other=0.0)
         b_R = tl.load(R + base_d + o_t[:, None] * V + o_v[None, :], mask=m_v[None, :], other=0.0)
         b_do = _load_rows(do, i_b, bos + S + W, i_h, M, V, stride_dob, stride_dot, stride_doh, i_t, i_v * BV, BT, BV)
-        b_dqg += _dot_f32(b_do, tl.trans(b_h), DT)
-        b_dke += _dot_f32(b_d, tl.trans(b_dh), DT)
-        b_rs += _dot_f32(b_R, tl.trans(b_h), DT)
+        b_dqg += dot_f32(b_do, tl.trans(b_h), DT)
+        b_dke += dot_f32(b_d, tl.trans(b_dh), DT)
+        b_rs += dot_f32(b_R, tl.trans(b_h), DT)
         b_gain += tl.sum(b_dh * b_h, 0)
     b_dqg = scale * b_dqg
 
@@ -105,7 +104,7 @@ def chunk_grad_state_kernel(
         b_g = tl.zeros([BT], dtype=tl.float32)
     b_G = tl.cumsum(b_g, axis=0)
     b_eG = tl.exp(b_G)
-    b_e = tl.exp(tl.sum(b_g, axis=0) - b_G)
+    b_e = tl.exp(rest_sums(b_g))
     m_out = (o_r < M)[:, None] & m_k[None, :]
     row_kv = bos + S + o_r  # [BT], INT64-wide
     tl.store(dq_part + ((i_b * T + row_kv[:, None] + W) * HS + i_h) * K + o_k[None, :], b_dqg * b_eG[:, None],
@@ -150,11 +149,9 @@ def chunk_grad_kernel(
     inverse norms r_q, r_k into norms [slots, HS, 2, BT], for ``chunk_grad_intra_kernel``."""
     i_s = tl.program_id(0)
     i_h = tl.program_id(1)
-    i_n = tl.load(slots + 2 * i_s)
+    i_n, i_t, i_b, bos, M = chunk_at(slots, i_s, cu_seqlens, T, W, S, IS_VARLEN, INT64)
     if i_n < 0:
         return
-    i_t = tl.load(slots + 2 * i_s + 1)
-    i_b, bos, M = _sequence(i_n, cu_seqlens, T, W, S, IS_VARLEN, INT64)
     i_hq = i_h // (HS // HQ)
     i_hk = i_h // (HS // HK)
     i_hv = i_h // (HS // HV)
@@ -179,8 +176,8 @@ def chunk_grad_kernel(
         b_R = tl.load(R + base_d + o_t[:, None] * V + o_v[None, :], mask=m_v[None, :], other=0.0)
         b_do = _load_rows(do, i_b, bos + S + W, i_h, M, V, stride_dob, stride_dot, stride_doh, i_t, i_v * BV, BT, BV)
         b_v = _load_rows(v, i_b, bos + S, i_hv, M, V, stride_vb, stride_vt, stride_vh, i_t, i_v * BV, BT, BV)
-        b_dod += _dot_f32(b_do, tl.trans(b_d), DT)
-        b_rd += _dot_f32(b_R, tl.trans(b_d), DT)
+        b_dod += dot_f32(b_do, tl.trans(b_d), DT)
+        b_rd += dot_f32(b_R, tl.trans(b_d), DT)
         b_rv += tl.sum(b_R * b_v, 1)
         tl.store(dv_part + ((i_b * T + row_kv[:, None]) * HS + i_h) * V + o_v[None, :], b_beta[:, None] * b_R,
                  mask=m_r[:, None] & m_v[None, :])
@@ -189,7 +186,7 @@ def chunk_grad_kernel(
         b_g = _load_gate(g, i_b, bos + S, i_h, M, stride_gb, stride_gt, stride_gh, i_t, BT)
     else:
         b_g = tl.zeros([BT], dtype=tl.float32)
-    b_G, b_gamma, g_last = _decays(b_g, BT)
+    b_G, b_gamma, b_rest, g_last = chunk_decays(b_g, BT)
     b_dattn = tl.where(o_t[:, None] >= o_t[None, :], scale * b_dod * b_gamma, 0.0)  # w.r.t. Q̂ K̂ᵀ
     b_dLg = tl.where(o_t[:, None] > o_t[None, :], -b_rd * b_gamma, 0.0)  # w.r.t. K̂ K̂ᵀ: diag(β) dLg
 
@@ -203,8 +200,8 @@ def chunk_grad_kernel(
     for i_k in range(0, tl.cdiv(K, BK)):
         b_q = _load_rows(q, i_b, bos + S + W, i_hq, M, K, stride_qb, stride_qt, stride_qh, i_t, i_k * BK, BT, BK)
         b_k = _load_rows(k, i_b, bos + S, i_hk, M, K, stride_kb, stride_kt, stride_kh, i_t, i_k * BK, BT, BK)
-        b_qk += _dot_in(b_q, tl.trans(b_k), DT)
-        b_kk += _dot_in(b_k, tl.trans(b_k), DT)
+        b_qk += dot_in(b_q, tl.trans(b_k), DT)
+        b_kk += dot_in(b_k, tl.trans(b_k), DT)
         b_sq += tl.sum(b_q * b_q, 1)
         b_sk += tl.sum(b_k * b_k, 1)
     if USE_QK_L2NORM:
@@ -220,7 +217,7 @@ def chunk_grad_kernel(
     b_rsk = tl.zeros([BT], dtype=tl.float32)  # Σ_k (R S_0ᵀ) ⊙ K̂
     b_dqq = tl.zeros([BT], dtype=tl.float32)  # Σ_k scale (dO S_0ᵀ) ⊙ Q̂
     b_dkek = tl.zeros([BT], dtype=tl.float32)  # Σ_k (Δ dSᵀ) ⊙ K̂
-    b_gain = tl.zeros([BT], dtype=tl.float32)  # Σ dS ⊙ S_0 in the last column
+    b_gain = tl.zeros([BT], dtype=tl.float32)  # Σ dS ⊙ S_0 in the last column (0 elsewhere)
     NK = tl.cdiv(K, BK)
     p_sums = sums + (i_s64 * HS + i_h) * NK * SUMS * BT + o_t
     for i_k in range(0, NK):
@@ -236,12 +233,12 @@ def chunk_grad_kernel(
     b_db = b_rv + tl.sum(b_E2, 1) - b_eG * b_rsk
     tl.store(dbeta + (i_b * T + row_kv) * HS + i_h, b_db, mask=m_r)
     if USE_G:
-        # Through Γ_ij = exp(G_i - G_j) (row minus column sums), exp(G), e = exp(G_C - G), exp(G_C).
+        # dg_k sums the terms whose decay spans step k (``scan_tiles.crossing_sums``): the pairs
+        # i >= k > j through Γ_ij, the readouts i >= k of S_0 through exp(G_i), the keys j < k into
+        # the end state through e_j = exp(G_C - G_j), and S_0 passed on through exp(G_C).
         b_dE = b_E1 + b_beta[:, None] * b_E2
-        b_dend = b_dkek * tl.exp(g_last - b_G)
-        b_dG = tl.sum(b_dE, 1) - tl.sum(b_dE, 0) + (b_dqq - b_beta * b_rsk) * b_eG - b_dend
-        b_dG += b_gain * tl.exp(g_last) + tl.where(o_t == BT - 1, tl.sum(b_dend, 0), 0.0)
-        b_dg = tl.sum(b_dG, 0) - tl.cumsum(b_dG, axis=0) + b_dG  # dg_i = Σ_{j >= i} dG_j
+        b_dg, _ = crossing_sums(b_dE, (b_dqq - b_beta * b_rsk) * b_eG, o_t, o_t, True)
+        b_dg += exclusive_cumsum(b_dkek * tl.exp(b_rest), False) + tl.sum(b_gain, 0) * tl.exp(g_last)
         tl.store(dg + (i_b * T + row_kv) * HS + i_h, b_dg, mask=m_r)
 
     b_dkk = b_beta[:, None] * b_dLg
@@ -273,11 +270,9 @@ def chunk_grad_intra_kernel(
     i_s = tl.program_id(0)
     i_h = tl.program_id(1)
     i_k = tl.program_id(2)
-    i_n = tl.load(slots + 2 * i_s)
+    i_n, i_t, i_b, bos, M = chunk_at(slots, i_s, cu_seqlens, T, W, S, IS_VARLEN, INT64)
     if i_n < 0:
         return
-    i_t = tl.load(slots + 2 * i_s + 1)
-    i_b, bos, M = _sequence(i_n, cu_seqlens, T, W, S, IS_VARLEN, INT64)
     i_hq = i_h // (HS // HQ)
     i_hk = i_h // (HS // HK)
     DT: tl.constexpr = q.dtype.element_ty
@@ -305,8 +300,8 @@ def chunk_grad_intra_kernel(
         b_dA = tl.load(p_tt + o_t[:, None] * BT + o_j[None, :])  # [BT, BJ] columns of dA
         b_dAt = tl.load(p_tt + o_j[None, :] * BT + o_t[:, None])  # [BT, BJ] columns of dAᵀ
         b_dB = tl.load(p_tt + BT * BT + o_t[:, None] * BT + o_j[None, :])
-        b_dq += _dot_f32(b_dA, b_k, DT)
-        b_dk += _dot_f32(b_dAt, b_q, DT) + _dot_f32(b_dB, b_k, DT)
+        b_dq += dot_f32(b_dA, b_k, DT)
+        b_dk += dot_f32(b_dAt, b_q, DT) + dot_f32(b_dB, b_k, DT)
     p_dq = dq_part + ((i_b * T + row_kv[:, None] + W) * HS + i_h) * K + o_k[None, :]
     tl.store(p_dq, tl.load(p_dq, mask=m_out, other=0.0) + b_dq, mask=m_out)
     p_dk = dk_part + ((i_b * T + row_kv[:, None]) * HS + i_h) * K + o_k[None, :]

@@ -1,6 +1,6 @@
 """Stage 1 of the chunked delta rule forward in Triton: the UT transform A = (I + L)^-1 per chunk,
-and the tile helpers every stage shares (products at the right precision, token-row loads,
-sequence bounds, gate decays, AOT cases). Notation of ``triton_chunk.py``.
+and the tile helpers every stage of this op shares (token-row loads, sequence bounds, AOT cases;
+products and gate decays are ``scan_tiles``'s, shared with the SSD). Notation of ``triton_chunk.py``.
 
 ``chunk_ut_kernel`` (chunk x k head) forms K Kᵀ once per k head (AHN's grouped k/v and fla's
 grouped values share k over several state heads), then per state head of the group
@@ -13,17 +13,16 @@ fp32 inputs take all of it in IEEE fp32 on the FMA units without holding a 64-wi
 ptxas sm_80 / sm_90) and need no refinement; 16-bit inputs take it in tf32.
 
 Registers / spills / shared memory: the table in ``triton_chunk.py``'s docstring (UT at
-C = 64: 173-187 registers, no spill, 16 KB, every dtype, at sm_80 and sm_90).
+C = 64: 170-218 registers, no spill, 16 KB, every dtype, at sm_80 and sm_90).
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from ..scan_tiles import chunk_at, dot_f32, dot_in, pair_decays
 from ..triton_aot import AOTCase
 
 NUM_WARPS = 8
@@ -33,64 +32,7 @@ NUM_WARPS = 8
 # dims or at C = 32 (ptxas: 2-130 words); the halves fit every variant (module docstring table).
 TILES = {torch.float32: (16, 16, 16), torch.float16: (32, 32, 64), torch.bfloat16: (32, 32, 64)}
 L2NORM_EPS = tl.constexpr(1e-6)
-INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 BB = tl.constexpr(16)  # block of the UT inverse: the smallest tile tl.dot takes
-
-
-@triton.jit
-def _dot_in(a, b, DT: tl.constexpr):
-    """a @ b of raw input tiles (values of dtype DT held in fp32), fp32 accumulation.
-
-    16-bit operands go to the tensor cores as they are: their products are exact in fp32.
-    """
-    if DT == tl.float32:
-        return _dot_f32(a, b, DT)
-    elif INTERPRETED:
-        # Triton 3.9's interpreter multiplies bf16 tiles wrongly (measured: an error of 2e10 on
-        # a 16 x 16 product of N(0, 1) entries); the fp32 values are the same numbers.
-        return tl.dot(a, b, input_precision="ieee")
-    else:
-        return tl.dot(a.to(DT), b.to(DT))
-
-
-@triton.jit
-def _dot_tf32(a, b):
-    """a @ b in tf32 on the tensor cores; the interpreter, which has no tf32, truncates the
-    operands to its 10 mantissa bits (at least the hardware's rounding error) and multiplies in fp32."""
-    if INTERPRETED:
-        a = (a.to(tl.uint32, bitcast=True) & 0xFFFFE000).to(tl.float32, bitcast=True)
-        b = (b.to(tl.uint32, bitcast=True) & 0xFFFFE000).to(tl.float32, bitcast=True)
-        return tl.dot(a, b, input_precision="ieee")
-    else:
-        return tl.dot(a, b, input_precision="tf32")
-
-
-@triton.jit
-def _dot_f32(a, b, DT: tl.constexpr):
-    """a @ b of computed fp32 tiles (states, Δ, A): IEEE fp32 for fp32 inputs, tf32 for 16-bit ones.
-
-    Rounding them to bf16 instead costs 4x the bf16 output bar (measured 1.2e-2 vs 3e-3 relative
-    RMSE of o at T = 130, K = 60, V = 100). tf32x3 would be fp32-like on the tensor cores but
-    spills (ptxas, sm_90: 1,642 words for one [32, 256] x [256, 32] product; IEEE: none).
-    """
-    if DT == tl.float32:
-        return tl.dot(a, b, input_precision="ieee")
-    else:
-        return _dot_tf32(a, b)
-
-
-@triton.jit
-def _sequence(i_n, cu_seqlens, T, W, S, IS_VARLEN: tl.constexpr, INT64: tl.constexpr):
-    """(batch index, first row, memory steps) of sequence i_n in the launch's offset type (B·T·H·D may pass 2^31)."""
-    if IS_VARLEN:
-        i_b = tl.zeros([], dtype=tl.int64 if INT64 else tl.int32)
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64 if INT64 else tl.int32)
-        n_rows = tl.load(cu_seqlens + i_n + 1).to(tl.int64 if INT64 else tl.int32) - bos
-    else:
-        i_b = i_n.to(tl.int64 if INT64 else tl.int32)
-        bos = tl.zeros([], dtype=tl.int64 if INT64 else tl.int32)
-        n_rows = tl.zeros([], dtype=tl.int64 if INT64 else tl.int32) + T
-    return i_b, bos, tl.maximum(n_rows - W - S, 0)
 
 
 @triton.jit
@@ -108,18 +50,6 @@ def _load_gate(x, i_b, row0, i_h, M, stride_b, stride_t, stride_h, i_t, BT: tl.c
     """fp32 [BT] of x[i_b, row0 + i_t·BT + r, i_h], zero past M rows."""
     o_r = i_t * BT + tl.arange(0, BT)
     return tl.load(x + i_b * stride_b + (row0 + o_r) * stride_t + i_h * stride_h, mask=o_r < M, other=0.0)
-
-
-@triton.jit
-def _decays(b_g, BT: tl.constexpr):
-    """From g [BT]: G (in-chunk prefix sum), Γ [BT, BT] (0 above the diagonal), G_C.
-
-    exp of a difference <= 0 only: strong decays underflow to 0, never 0·inf.
-    """
-    b_G = tl.cumsum(b_g, axis=0)
-    o_t = tl.arange(0, BT)
-    b_gamma = tl.exp(tl.where(o_t[:, None] >= o_t[None, :], b_G[:, None] - b_G[None, :], float("-inf")))
-    return b_G, b_gamma, tl.sum(b_g, axis=0)
 
 
 @triton.jit
@@ -153,25 +83,25 @@ def _unit_lower_inverse(p_A, BT: tl.constexpr, DT: tl.constexpr):
         b_X33 = b_I
     for r in range(1, BB):
         m_r = (o_b == r)[:, None]
-        b_X00 = tl.where(m_r, b_I - _dot_f32(b_L00, b_X00, DT), b_X00)
+        b_X00 = tl.where(m_r, b_I - dot_f32(b_L00, b_X00, DT), b_X00)
         if BT > BB:
-            b_X11 = tl.where(m_r, b_I - _dot_f32(b_L11, b_X11, DT), b_X11)
+            b_X11 = tl.where(m_r, b_I - dot_f32(b_L11, b_X11, DT), b_X11)
         if BT > 2 * BB:
-            b_X22 = tl.where(m_r, b_I - _dot_f32(b_L22, b_X22, DT), b_X22)
-            b_X33 = tl.where(m_r, b_I - _dot_f32(b_L33, b_X33, DT), b_X33)
+            b_X22 = tl.where(m_r, b_I - dot_f32(b_L22, b_X22, DT), b_X22)
+            b_X33 = tl.where(m_r, b_I - dot_f32(b_L33, b_X33, DT), b_X33)
     if BT > BB:
-        b_X10 = -_dot_f32(b_X11, _dot_f32(tl.load(_block(p_A, 1, 0, BT)), b_X00, DT), DT)
+        b_X10 = -dot_f32(b_X11, dot_f32(tl.load(_block(p_A, 1, 0, BT)), b_X00, DT), DT)
     if BT > 2 * BB:
         b_L21 = tl.load(_block(p_A, 2, 1, BT))
-        b_X21 = -_dot_f32(b_X22, _dot_f32(b_L21, b_X11, DT), DT)
-        b_X20 = -_dot_f32(b_X22, _dot_f32(tl.load(_block(p_A, 2, 0, BT)), b_X00, DT) +
-                          _dot_f32(b_L21, b_X10, DT), DT)
+        b_X21 = -dot_f32(b_X22, dot_f32(b_L21, b_X11, DT), DT)
+        b_X20 = -dot_f32(b_X22, dot_f32(tl.load(_block(p_A, 2, 0, BT)), b_X00, DT) +
+                          dot_f32(b_L21, b_X10, DT), DT)
         b_L31 = tl.load(_block(p_A, 3, 1, BT))
         b_L32 = tl.load(_block(p_A, 3, 2, BT))
-        b_X32 = -_dot_f32(b_X33, _dot_f32(b_L32, b_X22, DT), DT)
-        b_X31 = -_dot_f32(b_X33, _dot_f32(b_L31, b_X11, DT) + _dot_f32(b_L32, b_X21, DT), DT)
-        b_X30 = -_dot_f32(b_X33, _dot_f32(tl.load(_block(p_A, 3, 0, BT)), b_X00, DT) +
-                          _dot_f32(b_L31, b_X10, DT) + _dot_f32(b_L32, b_X20, DT), DT)
+        b_X32 = -dot_f32(b_X33, dot_f32(b_L32, b_X22, DT), DT)
+        b_X31 = -dot_f32(b_X33, dot_f32(b_L31, b_X11, DT) + dot_f32(b_L32, b_X21, DT), DT)
+        b_X30 = -dot_f32(b_X33, dot_f32(tl.load(_block(p_A, 3, 0, BT)), b_X00, DT) +
+                          dot_f32(b_L31, b_X10, DT) + dot_f32(b_L32, b_X20, DT), DT)
     tl.debug_barrier()  # no thread overwrites a block of L another thread has yet to read
     tl.store(_block(p_A, 0, 0, BT), b_X00)
     if BT > BB:
@@ -208,11 +138,9 @@ def chunk_ut_kernel(
     """A = (I + strict_lower(diag(β) K Kᵀ ⊙ Γ))^-1 per chunk and state head, fp32, into A [slots, HS, BT, BT]."""
     i_s = tl.program_id(0)
     i_hk = tl.program_id(1)
-    i_n = tl.load(slots + 2 * i_s)
+    i_n, i_t, i_b, bos, M = chunk_at(slots, i_s, cu_seqlens, T, W, S, IS_VARLEN, INT64)
     if i_n < 0:  # slot past the last chunk (the grid is an upper bound under varlen)
         return
-    i_t = tl.load(slots + 2 * i_s + 1)
-    i_b, bos, M = _sequence(i_n, cu_seqlens, T, W, S, IS_VARLEN, INT64)
     row_kv = bos + S
     DT: tl.constexpr = k.dtype.element_ty
 
@@ -221,7 +149,7 @@ def chunk_ut_kernel(
     b_ss = tl.zeros([BT], dtype=tl.float32)
     for i_k in range(0, tl.cdiv(K, BK)):
         b_k = _load_rows(k, i_b, row_kv, i_hk, M, K, stride_kb, stride_kt, stride_kh, i_t, i_k * BK, BT, BK)
-        b_kk += _dot_in(b_k, tl.trans(b_k), DT)
+        b_kk += dot_in(b_k, tl.trans(b_k), DT)
         b_ss += tl.sum(b_k * b_k, 1)
     if USE_QK_L2NORM:
         b_r = tl.rsqrt(b_ss + L2NORM_EPS)
@@ -237,7 +165,7 @@ def chunk_ut_kernel(
             b_g = _load_gate(g, i_b, row_kv, i_h, M, stride_gb, stride_gt, stride_gh, i_t, BT)
         else:
             b_g = tl.zeros([BT], dtype=tl.float32)
-        _, b_gamma, _ = _decays(b_g, BT)
+        b_gamma = pair_decays(b_g, b_g, 0.0, o_t, o_t, True)
         p_A = A + (i_s.to(tl.int64 if INT64 else tl.int32) * HS + i_h) * BT * BT
         tl.store(p_A + o_t[:, None] * BT + o_t[None, :], tl.where(m_strict, b_beta[:, None] * b_kk * b_gamma, 0.0))
         tl.debug_barrier()  # L, written in one layout, is read back in blocks by other threads

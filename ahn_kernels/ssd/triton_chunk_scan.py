@@ -14,7 +14,7 @@ row finds its sequence by binary search over cu_seqlens, so nothing syncs).
 Tiles (H100/H200, untuned: no GPU was available): BM = 32 rows, BP = 64, BN = 32
 (N_state is walked in BN slices), 8 warps; the j loop runs over BM blocks up to the
 diagonal. Dots as in ``triton_chunk_state`` (fp32 operands, tf32x3). Register counts
-from ptxas (sm_80/sm_90): chunk scan 185-227, empty rows 29-46, no spills; BM = 64
+from ptxas (sm_80/sm_90): chunk scan 220-246, empty rows 29-46, no spills; BM = 64
 spilled at 4 and 8 warps.
 """
 
@@ -26,8 +26,9 @@ import triton
 import triton.language as tl
 
 from .._index import needs_int64
+from ..scan_tiles import chunk_at
 from . import triton_chunk_state as cs
-from .triton_chunk_state import chunk_of
+from .triton_chunk_state import block_decays
 
 BM, BP, BN = 32, 64, 32
 BM_EMPTY = 16
@@ -51,9 +52,9 @@ def epilogue(b_y, x, z, D, base_x, base_z, off_x, off_z, o_p, m_rows, m_p, i_h, 
 @triton.jit
 def ssd_chunk_scan_kernel(
     # pointers
-    x, B, C, D, z, dt_out, dA_cs, h_in, cu_seqlens, chunk_seq, chunk_first, out,
+    x, B, C, D, z, dt_out, A, dA_cs, h_in, cu_seqlens, slots, out,
     # sizes
-    T, H, G, P, NS, N, NC_SEQ, W, S,
+    T, H, G, P, NS, W, S,
     # strides
     stride_xb, stride_xt, stride_xh,
     stride_Bb, stride_Bt, stride_Bg,
@@ -75,10 +76,12 @@ def ssd_chunk_scan_kernel(
     i_c = tl.program_id(0).to(tl.int64 if INT64 else tl.int32)
     i_h = tl.program_id(1)
     i_mp = tl.program_id(2)
-    i_n, i_b, bos, M, k = chunk_of(i_c, cu_seqlens, chunk_seq, chunk_first, T, N, NC_SEQ, W, S, IS_VARLEN, INT64)
+    i_n, k, i_b, bos, M = chunk_at(slots, i_c, cu_seqlens, T, W, S, IS_VARLEN, INT64)
+    if i_n < 0:  # slot past the last chunk (the grid is an upper bound under varlen)
+        return
     n_ptiles = tl.cdiv(P, BP)
     i_m = i_mp // n_ptiles
-    if (i_n >= N) | (k * L + i_m * BM >= M):
+    if k * L + i_m * BM >= M:
         return
     i_g = i_h // (H // G)
     o_i = i_m * BM + tl.arange(0, BM)  # chunk-local rows of this block
@@ -90,6 +93,7 @@ def ssd_chunk_scan_kernel(
     r0 = bos + S + k * L
     base_a = (i_c * H + i_h) * L
     b_ai = tl.load(dA_cs + base_a + o_i)
+    b_A = tl.load(A + i_h)
     p_C = C + i_b * stride_Cb + i_g * stride_Cg + (r0 + W) * stride_Ct + o_i[:, None] * stride_Ct
     p_B = B + i_b * stride_Bb + i_g * stride_Bg + r0 * stride_Bt
     p_x = x + i_b * stride_xb + i_h * stride_xh + r0 * stride_xt
@@ -117,11 +121,8 @@ def ssd_chunk_scan_kernel(
             b_b = tl.load(p_B + o_j[None, :] * stride_Bt + o_n[:, None], mask=m_n[:, None] & m_j[None, :],
                           other=0.0).to(tl.float32)
             b_cb += tl.dot(b_c, b_b, input_precision="tf32x3")
-        b_aj = tl.load(dA_cs + base_a + o_j)
-        b_dtj = tl.load(dt_out + base_a + o_j)
-        # -inf above the diagonal, so exp never sees the positive a_i - a_j there
-        m_causal = (o_j[None, :] <= o_i[:, None]) & m_j[None, :]
-        b_w = b_cb * tl.exp(tl.where(m_causal, b_ai[:, None] - b_aj[None, :], float("-inf"))) * b_dtj[None, :]
+        b_dtj = tl.load(dt_out + base_a + o_j)  # 0 at padding slots
+        b_w = b_cb * block_decays(dt_out, base_a, b_A, i_m * BM, j0, L, BM, BM) * b_dtj[None, :]
         b_xj = tl.load(p_x + o_j[:, None] * stride_xt + o_p[None, :], mask=m_j[:, None] & m_p[None, :],
                        other=0.0).to(tl.float32)
         b_y += tl.dot(b_w, b_xj, input_precision="tf32x3")
@@ -194,7 +195,7 @@ def _D_strides(D):
     return (D.stride(0), 0) if D.dim() == 1 else tuple(D.stride())
 
 
-def chunk_scan(x, B, C, D, z, dt_out, dA_cs, h_in, lay, out, gate=True):
+def chunk_scan(x, B, C, D, z, dt_out, A, dA_cs, h_in, lay, out, gate=True):
     """Stage 4 and the rows without memory: write every row of ``out`` [B, T, H, P] (any dtype, last dim contiguous).
 
     ``gate`` False leaves out silu(z) (the backward's recomputation of the pre-gate output).
@@ -208,8 +209,8 @@ def chunk_scan(x, B, C, D, z, dt_out, dA_cs, h_in, lay, out, gate=True):
         bm = min(BM, lay.L)
         grid = (lay.NC, H, triton.cdiv(lay.L, bm) * triton.cdiv(P, BP))
         ssd_chunk_scan_kernel[grid](
-            x, B, C, D, z, dt_out, dA_cs, h_in, *lay.args(), out,
-            T, H, G, P, NS, lay.N, lay.NC_SEQ, lay.W, lay.S,
+            x, B, C, D, z, dt_out, A, dA_cs, h_in, *lay.args(), out,
+            T, H, G, P, NS, lay.W, lay.S,
             *x.stride()[:3], *B.stride()[:3], *C.stride()[:3], *z_strides, *out.stride()[:3], D_sh, D_sp,
             L=lay.L, BM=bm, BP=BP, BN=BN, **flags, INT64=needs_int64(x, B, C, D, z, dt_out, dA_cs, h_in, out),
             num_warps=NUM_WARPS,
@@ -236,7 +237,7 @@ def ssd_chunk_scan_fwd(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states
     lay = cs.Layout(x, cu_seqlens, chunk_size, lag_window, lag_sinks)
     dt_out, dA_cs, h_in = cs.chunk_states(x, dt, A, B, dt_bias, initial_states, dt_softplus, dt_min, dt_max, lay,
                                           final_states)
-    chunk_scan(x, B, C, D, z, dt_out, dA_cs, h_in, lay, out)
+    chunk_scan(x, B, C, D, z, dt_out, A, dA_cs, h_in, lay, out)
 
 
 # ----------------------------------------------------------------------------
@@ -245,12 +246,13 @@ def ssd_chunk_scan_fwd(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states
 def _scan_case(dtype, L, full, gate=True):
     """``full``: D [H, P], z, varlen; ``gate`` False: the backward's fp32 pre-gate output."""
     ptrs = {n: f"*{dtype}" for n in ("x", "B", "C")}
-    ptrs.update(dt_out="*fp32", dA_cs="*fp32", h_in="*fp32", out=f"*{dtype}" if gate else "*fp32")
+    ptrs.update(dt_out="*fp32", A="*fp32", dA_cs="*fp32", h_in="*fp32", slots="*i32",
+                out=f"*{dtype}" if gate else "*fp32")
     absent = {}
     if full:
-        ptrs.update(D="*fp32", z=f"*{dtype}", cu_seqlens="*i64", chunk_seq="*i32", chunk_first="*i32")
+        ptrs.update(D="*fp32", z=f"*{dtype}", cu_seqlens="*i64")
     else:
-        absent = {"D": None, "z": None, "cu_seqlens": None, "chunk_seq": None, "chunk_first": None}
+        absent = {"D": None, "z": None, "cu_seqlens": None}
     label = f"{dtype} L={L}{' D z varlen' if full else ''}{'' if gate else ' pre-gate (bwd)'}"
     return cs.aot_case(label, ssd_chunk_scan_kernel, ptrs,
                        dict(absent, L=L, BM=min(BM, L), BP=BP, BN=BN, HAS_D=full, HAS_Z=full, GATE=gate,

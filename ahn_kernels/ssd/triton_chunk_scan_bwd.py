@@ -8,8 +8,8 @@ readout, dS the chunk state's gradient, h_in the entering state):
     dB_j   = sum_{i >= j} E_ij (dy_i . xdt_j) C_i + te_j dSᵀ xdt_j        ssd_bwd_dbc_kernel, FOR_B
     dC_i   = sum_{j <= i} E_ij (dy_i . xdt_j) B_j + exp(a_i) h_inᵀ dy_i   ssd_bwd_dbc_kernel, not FOR_B
 
-The gradient of the log decay dt_k A of slot k sums each term that crosses slot k,
-every one an exp of a difference of prefix sums (``ssd_bwd_dda_kernel``):
+The gradient of the log decay dt_k A of slot k sums each term that crosses slot k
+(``ssd_bwd_dda_kernel``, with ``scan_tiles.crossing_sums``):
 
     dda_k = sum_{i >= k > j} (dy_i . xdt_j) (C_i . B_j) E_ij       the rectangle of the chunk's pairs
           + sum_{i >= k} exp(a_i) dy_i . (C_i h_inᵀ)                readouts of the entering state
@@ -35,7 +35,7 @@ caller's layout (DESIGN §4).
 Tiles (H100/H200, untuned: no GPU was available): BM = BP = BN = 32, 8 warps (dda:
 P and N_state in slices of 16); dots as in ``triton_chunk_state`` (fp32 operands,
 tf32x3). Register counts from ptxas (sm_80/sm_90, ``python -m ahn_kernels.triton_aot``):
-dx 187-236, dB/dC 192-238, dda 193-210, no spills (at 4 warps the dC kernel spilled at
+dx 226-245, dB/dC 172-247, dda 175-208, no spills (at 4 warps the dC kernel spilled at
 sm_90; dda with 32-wide slices spilled at both).
 """
 
@@ -47,9 +47,10 @@ import triton
 import triton.language as tl
 
 from .._index import needs_int64
+from ..scan_tiles import chunk_at, crossing_sums, exclusive_cumsum
 from . import triton_chunk_scan as scan
 from . import triton_chunk_state as cs
-from .triton_chunk_state import chunk_of
+from .triton_chunk_state import block_decays, end_decays
 
 BM, BP, BN = 32, 32, 32
 BK_DDA = 16  # the dda kernel's P and N_state slices: 32 spilled (ptxas, sm_80 and sm_90)
@@ -59,9 +60,9 @@ NUM_WARPS = 8
 @triton.jit
 def ssd_bwd_dx_kernel(
     # pointers
-    B, C, dy, dA_cs, dstates, cu_seqlens, chunk_seq, chunk_first, dxdt,
+    B, C, dy, dt_out, A, dstates, cu_seqlens, slots, dxdt,
     # sizes
-    T, H, G, P, NS, N, NC_SEQ, W, S,
+    T, H, G, P, NS, W, S,
     # strides
     stride_Bb, stride_Bt, stride_Bg,
     stride_Cb, stride_Ct, stride_Cg,
@@ -77,8 +78,8 @@ def ssd_bwd_dx_kernel(
     i_c = tl.program_id(0).to(tl.int64 if INT64 else tl.int32)
     i_h = tl.program_id(1)
     i_jp = tl.program_id(2)
-    i_n, i_b, bos, M, k = chunk_of(i_c, cu_seqlens, chunk_seq, chunk_first, T, N, NC_SEQ, W, S, IS_VARLEN, INT64)
-    if i_n >= N:
+    i_n, k, i_b, bos, M = chunk_at(slots, i_c, cu_seqlens, T, W, S, IS_VARLEN, INT64)
+    if i_n < 0:  # slot past the last chunk (the grid is an upper bound under varlen)
         return
     n_ptiles = tl.cdiv(P, BP)
     i_jb = i_jp // n_ptiles
@@ -94,7 +95,7 @@ def ssd_bwd_dx_kernel(
     p_B = B + i_b * stride_Bb + i_g * stride_Bg + r0 * stride_Bt + o_j[:, None] * stride_Bt
     p_C = C + i_b * stride_Cb + i_g * stride_Cg + (r0 + W) * stride_Ct
     p_dy = dy + i_b * stride_dyb + i_h * stride_dyh + (r0 + W) * stride_dyt
-    b_aj = tl.load(dA_cs + base_a + o_j)
+    b_A = tl.load(A + i_h)
 
     # te_j dS B_j, dS [P, N_state] read as [BN, BP]
     b_acc = tl.zeros([BM, BP], dtype=tl.float32)
@@ -105,7 +106,7 @@ def ssd_bwd_dx_kernel(
         b_b = tl.load(p_B + o_n[None, :], mask=m_j[:, None] & m_n[None, :], other=0.0).to(tl.float32)
         b_s = tl.load(p_s + o_n[:, None], mask=m_n[:, None] & m_p[None, :], other=0.0)
         b_acc += tl.dot(b_b, b_s, input_precision="tf32x3")
-    b_acc *= tl.exp(tl.load(dA_cs + base_a + L - 1) - b_aj)[:, None]
+    b_acc *= end_decays(dt_out, base_a, b_A, i_jb * BM, L, BM)[:, None]
 
     # sum over row blocks i >= j of (B_j . C_i) E_ij dy_i
     for i0 in range(i_jb * BM, tl.minimum(L, M - k * L), BM):
@@ -119,9 +120,7 @@ def ssd_bwd_dx_kernel(
             b_c = tl.load(p_C + o_i[None, :] * stride_Ct + o_n[:, None], mask=m_n[:, None] & m_i[None, :],
                           other=0.0).to(tl.float32)
             b_bc += tl.dot(b_b, b_c, input_precision="tf32x3")
-        b_ai = tl.load(dA_cs + base_a + o_i)
-        m_causal = (o_i[None, :] >= o_j[:, None]) & m_i[None, :]
-        b_w = b_bc * tl.exp(tl.where(m_causal, b_ai[None, :] - b_aj[:, None], float("-inf")))
+        b_w = b_bc * tl.trans(block_decays(dt_out, base_a, b_A, i0, i_jb * BM, L, BM, BM))
         b_dy = tl.load(p_dy + o_i[:, None] * stride_dyt + o_p[None, :], mask=m_i[:, None] & m_p[None, :], other=0.0)
         b_acc += tl.dot(b_w, b_dy, input_precision="tf32x3")
     p_out = dxdt + ((i_c * L + o_j[:, None]) * H + i_h) * P + o_p[None, :]
@@ -131,9 +130,9 @@ def ssd_bwd_dx_kernel(
 @triton.jit
 def ssd_bwd_dbc_kernel(
     # pointers
-    x, B, C, dy, dt_out, dA_cs, h_in, dstates, cu_seqlens, chunk_seq, chunk_first, dbc,
+    x, B, C, dy, dt_out, A, dA_cs, h_in, dstates, cu_seqlens, slots, dbc,
     # sizes
-    T, H, G, P, NS, N, NC_SEQ, W, S,
+    T, H, G, P, NS, W, S,
     # strides
     stride_xb, stride_xt, stride_xh,
     stride_Bb, stride_Bt, stride_Bg,
@@ -152,8 +151,8 @@ def ssd_bwd_dbc_kernel(
     i_c = tl.program_id(0).to(tl.int64 if INT64 else tl.int32)
     i_h = tl.program_id(1)
     i_rn = tl.program_id(2)
-    i_n, i_b, bos, M, k = chunk_of(i_c, cu_seqlens, chunk_seq, chunk_first, T, N, NC_SEQ, W, S, IS_VARLEN, INT64)
-    if i_n >= N:
+    i_n, k, i_b, bos, M = chunk_at(slots, i_c, cu_seqlens, T, W, S, IS_VARLEN, INT64)
+    if i_n < 0:  # slot past the last chunk (the grid is an upper bound under varlen)
         return
     n_ntiles = tl.cdiv(NS, BN)
     i_rb = i_rn // n_ntiles
@@ -168,15 +167,14 @@ def ssd_bwd_dbc_kernel(
     base_a = (i_c * H + i_h) * L
     p_x = x + i_b * stride_xb + i_h * stride_xh + r0 * stride_xt
     p_dy = dy + i_b * stride_dyb + i_h * stride_dyh + (r0 + W) * stride_dyt
-    b_ar = tl.load(dA_cs + base_a + o_r)
-    b_last = tl.load(dA_cs + base_a + L - 1)
+    b_A = tl.load(A + i_h)
     if FOR_B:  # own rows read x (kv rows), the others dy and C (output rows)
         p_own, stride_own = p_x, stride_xt
         p_other, stride_other = p_dy, stride_dyt
         p_V = C + i_b * stride_Cb + i_g * stride_Cg + (r0 + W) * stride_Ct
         stride_V = stride_Ct
         p_S = dstates + (i_c * H + i_h) * P * NS
-        b_wr = tl.exp(b_last - b_ar) * tl.load(dt_out + base_a + o_r)  # te_j dt_j
+        b_wr = end_decays(dt_out, base_a, b_A, i_rb * BM, L, BM) * tl.load(dt_out + base_a + o_r)  # te_j dt_j
         lo = i_rb * BM
         hi = tl.minimum(L, M - k * L)
     else:
@@ -185,7 +183,7 @@ def ssd_bwd_dbc_kernel(
         p_V = B + i_b * stride_Bb + i_g * stride_Bg + r0 * stride_Bt
         stride_V = stride_Bt
         p_S = h_in + (i_c * H + i_h) * P * NS
-        b_wr = tl.exp(b_ar)
+        b_wr = tl.exp(tl.load(dA_cs + base_a + o_r))
         lo = 0
         hi = (i_rb + 1) * BM
 
@@ -213,18 +211,15 @@ def ssd_bwd_dbc_kernel(
             b_v = tl.load(p_other + o_o[None, :] * stride_other + o_p[:, None], mask=m_p[:, None] & m_o[None, :],
                           other=0.0).to(tl.float32)
             b_g += tl.dot(b_u, b_v, input_precision="tf32x3")
-        b_ao = tl.load(dA_cs + base_a + o_o)
         if FOR_B:
             b_g *= tl.load(dt_out + base_a + o_r)[:, None]
-            m_causal = (o_o[None, :] >= o_r[:, None]) & m_o[None, :]
-            b_e = tl.where(m_causal, b_ao[None, :] - b_ar[:, None], float("-inf"))
+            b_g *= tl.trans(block_decays(dt_out, base_a, b_A, o0, i_rb * BM, L, BM, BM))
         else:
-            b_g *= tl.load(dt_out + base_a + o_o)[None, :]
-            m_causal = (o_o[None, :] <= o_r[:, None]) & m_o[None, :]
-            b_e = tl.where(m_causal, b_ar[:, None] - b_ao[None, :], float("-inf"))
+            b_g *= tl.load(dt_out + base_a + o_o)[None, :]  # 0 at padding slots
+            b_g *= block_decays(dt_out, base_a, b_A, i_rb * BM, o0, L, BM, BM)
         b_vo = tl.load(p_V + o_o[:, None] * stride_V + o_n[None, :], mask=m_o[:, None] & m_n[None, :],
                        other=0.0).to(tl.float32)
-        b_acc += tl.dot(b_g * tl.exp(b_e), b_vo, input_precision="tf32x3")
+        b_acc += tl.dot(b_g, b_vo, input_precision="tf32x3")
     p_out = dbc + ((i_c * L + o_r[:, None]) * H + i_h) * NS + o_n[None, :]
     tl.store(p_out, b_acc, mask=m_n[None, :] & (o_r[:, None] < L))
 
@@ -254,9 +249,9 @@ def _state_dots(p_v, stride_v, p_u, stride_u, state, o_i, m_i, P, NS, BM: tl.con
 @triton.jit
 def ssd_bwd_dda_kernel(
     # pointers
-    x, B, C, dy, dt_out, dA_cs, h_in, dstates, cu_seqlens, chunk_seq, chunk_first, dda,
+    x, B, C, dy, dt_out, A, dA_cs, h_in, dstates, cu_seqlens, slots, dda,
     # sizes
-    T, H, G, P, NS, N, NC_SEQ, W, S,
+    T, H, G, P, NS, W, S,
     # strides
     stride_xb, stride_xt, stride_xh,
     stride_Bb, stride_Bt, stride_Bg,
@@ -275,8 +270,10 @@ def ssd_bwd_dda_kernel(
     i_c = tl.program_id(0).to(tl.int64 if INT64 else tl.int32)
     i_h = tl.program_id(1)
     i_m = tl.program_id(2)
-    i_n, i_b, bos, M, k = chunk_of(i_c, cu_seqlens, chunk_seq, chunk_first, T, N, NC_SEQ, W, S, IS_VARLEN, INT64)
-    if (i_n >= N) | (k * L + i_m * BM >= M):  # padding slots only: their zeros are already there
+    i_n, k, i_b, bos, M = chunk_at(slots, i_c, cu_seqlens, T, W, S, IS_VARLEN, INT64)
+    if i_n < 0:  # slot past the last chunk (the grid is an upper bound under varlen)
+        return
+    if k * L + i_m * BM >= M:  # padding positions only: their zeros are already there
         return
     i_g = i_h // (H // G)
     o_b = tl.arange(0, BM)
@@ -289,31 +286,28 @@ def ssd_bwd_dda_kernel(
     p_B = B + i_b * stride_Bb + i_g * stride_Bg + r0 * stride_Bt
     p_C = C + i_b * stride_Cb + i_g * stride_Cg + (r0 + W) * stride_Ct
     p_dy = dy + i_b * stride_dyb + i_h * stride_dyh + (r0 + W) * stride_dyt
-    b_ai = tl.load(dA_cs + base_a + o_i)
+    b_A = tl.load(A + i_h)
     # row i as a key: te_i xdt_i . (dS B_i), its share of the chunk state, reaching every k > i
     b_key = _state_dots(p_B, stride_Bt, p_x, stride_xt, dstates + base_s, o_i, m_i, P, NS, BM, BP, BN)
-    b_key *= tl.exp(tl.load(dA_cs + base_a + L - 1) - b_ai) * tl.load(dt_out + base_a + o_i)
-    b_keys_in = tl.sum(tl.where(o_b[:, None] < o_b[None, :], b_key[:, None], 0.0), 0)  # [BM]: for this block's k
+    b_key *= end_decays(dt_out, base_a, b_A, i_m * BM, L, BM) * tl.load(dt_out + base_a + o_i)
+    b_keys_in = exclusive_cumsum(b_key, False)  # [BM]: for this block's k
     b_keys = tl.sum(b_key, 0)  # for the blocks after it
     # row i as a readout: carry_i = sum over the columns j < k seen so far (the entering state's
     # readout exp(a_i) dy_i . (C_i h_inᵀ) first, which reaches every k <= i)
-    b_carry = tl.exp(b_ai) * _state_dots(p_C, stride_Ct, p_dy, stride_dyt, h_in + base_s, o_i, m_i, P, NS, BM, BP,
-                                         BN)
+    b_carry = tl.exp(tl.load(dA_cs + base_a + o_i)) * _state_dots(p_C, stride_Ct, p_dy, stride_dyt, h_in + base_s,
+                                                                  o_i, m_i, P, NS, BM, BP, BN)
 
     p_out = dda + ((i_c * H + i_h) * tl.num_programs(2) + i_m) * L
     for j0 in range(0, (i_m + 1) * BM, BM):
-        # the pair terms w_is at columns s = k - 1 for the slots k of this block, so that an inclusive
-        # cumsum gives sum_{j < k} w_ij without subtracting a large w_ik from a small sum
-        o_k = j0 + o_b
-        o_s = o_k - 1
-        m_s = (o_s >= 0) & (k * L + o_s < M)
+        o_k = j0 + o_b  # the block's columns j, and its slots k
+        m_k = k * L + o_k < M
         b_cb = tl.zeros([BM, BM], dtype=tl.float32)
         for n0 in range(0, NS, BN):
             o_n = n0 + tl.arange(0, BN)
             m_n = o_n < NS
             b_c = tl.load(p_C + o_i[:, None] * stride_Ct + o_n[None, :], mask=m_i[:, None] & m_n[None, :],
                           other=0.0).to(tl.float32)
-            b_b = tl.load(p_B + o_s[None, :] * stride_Bt + o_n[:, None], mask=m_n[:, None] & m_s[None, :],
+            b_b = tl.load(p_B + o_k[None, :] * stride_Bt + o_n[:, None], mask=m_n[:, None] & m_k[None, :],
                           other=0.0).to(tl.float32)
             b_cb += tl.dot(b_c, b_b, input_precision="tf32x3")
         b_dyx = tl.zeros([BM, BM], dtype=tl.float32)
@@ -322,20 +316,15 @@ def ssd_bwd_dda_kernel(
             m_p = o_p < P
             b_dy = tl.load(p_dy + o_i[:, None] * stride_dyt + o_p[None, :], mask=m_i[:, None] & m_p[None, :],
                            other=0.0)
-            b_x = tl.load(p_x + o_s[None, :] * stride_xt + o_p[:, None], mask=m_p[:, None] & m_s[None, :],
+            b_x = tl.load(p_x + o_k[None, :] * stride_xt + o_p[:, None], mask=m_p[:, None] & m_k[None, :],
                           other=0.0).to(tl.float32)
             b_dyx += tl.dot(b_dy, b_x, input_precision="tf32x3")
-        # pairs s < i only: the diagonal crosses no decay
-        m_pair = (o_s[None, :] < o_i[:, None]) & m_s[None, :]
-        b_as = tl.load(dA_cs + base_a + o_s, mask=m_s, other=0.0)
-        b_w = b_cb * b_dyx * tl.exp(tl.where(m_pair, b_ai[:, None] - b_as[None, :], float("-inf")))
-        b_w *= tl.load(dt_out + base_a + o_s, mask=m_s, other=0.0)[None, :]
-        b_left = b_carry[:, None] + tl.cumsum(b_w, 1)  # [BM, BM]: sum_{j < k} w_ij
-        b_v = tl.sum(tl.where(o_i[:, None] >= o_k[None, :], b_left, 0.0), 0)
+        b_w = b_cb * b_dyx * block_decays(dt_out, base_a, b_A, i_m * BM, j0, L, BM, BM)
+        b_w *= tl.load(dt_out + base_a + o_k)[None, :]
+        b_v, b_carry = crossing_sums(b_w, b_carry, o_i, o_k, j0 == i_m * BM)
         if j0 == i_m * BM:
             b_v += b_keys_in
         tl.store(p_out + o_k, b_v)
-        b_carry += tl.sum(b_w, 1)
     for j0 in range((i_m + 1) * BM, L, BM):
         tl.store(p_out + j0 + o_b, tl.zeros([BM], dtype=tl.float32) + b_keys)
 
@@ -344,23 +333,20 @@ def ssd_bwd_dda_kernel(
 # driver
 # ----------------------------------------------------------------------------
 def _slot_rows(lay, Bsz, device):
-    """The flat row ([B * T]) each chunk slot reads x, dt, B from, and the row it is read out at; B * T
-    (a zero row) for padding. Both [NC * L] int64, built on the device."""
+    """The flat row ([B * T]) each chunk position reads x, dt, B from, and the row it is read out at; B * T
+    (a zero row) for padding. Both [NC * L] int64, built on the device from the slot table."""
     rows = Bsz * lay.T
-    c = torch.arange(lay.NC, device=device)[:, None]  # [NC, 1]
-    i = torch.arange(lay.L, device=device)[None, :]  # [1, L]
+    seq = lay.slots[:, :1].long()  # [NC, 1]; -1 past the last chunk
+    n = seq.clamp(min=0)  # [NC, 1]
+    m = lay.slots[:, 1:].long() * lay.L + torch.arange(lay.L, device=device)[None, :]  # [NC, L]
     if lay.cu is None:
+        bos = n * lay.T
         M = max(0, lay.T - lay.W - lay.S)
-        m = (c % max(lay.NC_SEQ, 1)) * lay.L + i
-        kv = (c // max(lay.NC_SEQ, 1)) * lay.T + lay.S + m
-        valid = m < M
     else:
-        n = lay.chunk_seq.long()[:, None].clamp(max=max(lay.N - 1, 0))  # [NC, 1]
         bos = lay.cu[n]
         M = (lay.cu[n + 1] - bos - lay.W - lay.S).clamp(min=0)
-        m = (c - lay.chunk_first.long()[n]) * lay.L + i
-        kv = bos + lay.S + m
-        valid = (lay.chunk_seq.long()[:, None] < lay.N) & (m < M)
+    kv = bos + lay.S + m
+    valid = (seq >= 0) & (m < M)
     return (torch.where(valid, kv, rows).reshape(-1), torch.where(valid, kv + lay.W, rows).reshape(-1))
 
 
@@ -398,7 +384,7 @@ def ssd_chunk_scan_bwd(dout, dfinal, x, dt, A, B, C, chunk_size, D, z, dt_bias, 
     dz = dD = None
     if z is not None:  # out = y silu(z), y the pre-gate output (D x included)
         y = torch.empty(x.shape, dtype=torch.float32, device=x.device)  # [B, T, H, P]
-        scan.chunk_scan(x, B, C, D, z, dt_out, dA_cs, h_in, lay, y, gate=False)
+        scan.chunk_scan(x, B, C, D, z, dt_out, A, dA_cs, h_in, lay, y, gate=False)
         zf = z.float()
         sig = torch.sigmoid(zf)
         dz = (dy * y * sig * (1 + zf * (1 - sig))).to(z.dtype)
@@ -408,7 +394,7 @@ def ssd_chunk_scan_bwd(dout, dfinal, x, dt, A, B, C, chunk_size, D, z, dt_bias, 
         dx = dy * (D[:, None] if D.dim() == 1 else D)
         dD = (dy * xf).sum((0, 1, 3) if D.dim() == 1 else (0, 1))
 
-    dstates = cs.chunk_state(dy, C, dt_out, dA_cs, lay, from_start=True)  # [NC, H, P, N_state]: d h_in
+    dstates = cs.chunk_state(dy, C, dt_out, A, dA_cs, lay, from_start=True)  # [NC, H, P, N_state]: d h_in
     dh0 = torch.empty_like(final)  # [N, H, P, N_state]
     cs.state_pass(dstates, dA_cs, dfinal.float().contiguous(), lay, dh0, reverse=True)  # dstates: d h_out
 
@@ -422,17 +408,17 @@ def ssd_chunk_scan_bwd(dout, dfinal, x, dt, A, B, C, chunk_size, D, z, dt_bias, 
     dda = x.new_zeros(lay.NC, H, n_blocks, L, dtype=torch.float32)  # [NC, H, L / BM, L]: per row block
     if lay.NC * H:
         meta = dict(L=L, BM=bm, BP=BP, BN=BN, IS_VARLEN=lay.cu is not None, num_warps=NUM_WARPS)
-        sizes = (T, H, G, P, NS, lay.N, lay.NC_SEQ, lay.W, lay.S)
+        sizes = (T, H, G, P, NS, lay.W, lay.S)
         strides = (*B.stride()[:3], *C.stride()[:3], *dy.stride()[:3])
         ssd_bwd_dx_kernel[(lay.NC, H, n_blocks * triton.cdiv(P, BP))](
-            B, C, dy, dA_cs, dstates, *lay.args(), dxdt, *sizes, *strides, **meta,
-            INT64=needs_int64(B, C, dy, dA_cs, dstates, dxdt))
+            B, C, dy, dt_out, A, dstates, *lay.args(), dxdt, *sizes, *strides, **meta,
+            INT64=needs_int64(B, C, dy, dt_out, dstates, dxdt))
         for for_b, out in ((True, dBh), (False, dCh)):
             ssd_bwd_dbc_kernel[(lay.NC, H, n_blocks * triton.cdiv(NS, BN))](
-                x, B, C, dy, dt_out, dA_cs, h_in, dstates, *lay.args(), out, *sizes, *x.stride()[:3], *strides,
+                x, B, C, dy, dt_out, A, dA_cs, h_in, dstates, *lay.args(), out, *sizes, *x.stride()[:3], *strides,
                 FOR_B=for_b, **meta, INT64=needs_int64(x, B, C, dy, dt_out, dA_cs, h_in, dstates, out))
         ssd_bwd_dda_kernel[(lay.NC, H, n_blocks)](
-            x, B, C, dy, dt_out, dA_cs, h_in, dstates, *lay.args(), dda, *sizes, *x.stride()[:3], *strides,
+            x, B, C, dy, dt_out, A, dA_cs, h_in, dstates, *lay.args(), dda, *sizes, *x.stride()[:3], *strides,
             **dict(meta, BP=BK_DDA, BN=BK_DDA), INT64=needs_int64(x, B, C, dy, dt_out, dA_cs, h_in, dstates, dda))
 
     kv, q = _slot_rows(lay, Bsz, x.device)
@@ -461,21 +447,16 @@ def ssd_chunk_scan_bwd(dout, dfinal, x, dt, A, B, C, chunk_size, D, z, dt_bias, 
 # ----------------------------------------------------------------------------
 # ahead-of-time cases (python -m ahn_kernels.triton_aot)
 # ----------------------------------------------------------------------------
-def _maps(varlen):
-    return ({"cu_seqlens": "*i64", "chunk_seq": "*i32", "chunk_first": "*i32"} if varlen
-            else {}), ({} if varlen else {"cu_seqlens": None, "chunk_seq": None, "chunk_first": None})
-
-
 def _dx_case(dtype, L, varlen):
-    ptrs, absent = _maps(varlen)
-    ptrs.update(B=f"*{dtype}", C=f"*{dtype}", dy="*fp32", dA_cs="*fp32", dstates="*fp32", dxdt="*fp32")
+    ptrs, absent = cs.maps(varlen)
+    ptrs.update(B=f"*{dtype}", C=f"*{dtype}", dy="*fp32", dt_out="*fp32", A="*fp32", dstates="*fp32", dxdt="*fp32")
     return cs.aot_case(f"{dtype} L={L}{' varlen' if varlen else ''}", ssd_bwd_dx_kernel, ptrs,
                        dict(absent, L=L, BM=min(BM, L), BP=BP, BN=BN, IS_VARLEN=varlen), num_warps=NUM_WARPS)
 
 
 def _dbc_case(dtype, L, for_b, varlen):
-    ptrs, absent = _maps(varlen)
-    ptrs.update(x=f"*{dtype}", B=f"*{dtype}", C=f"*{dtype}", dy="*fp32", dt_out="*fp32", dA_cs="*fp32",
+    ptrs, absent = cs.maps(varlen)
+    ptrs.update(x=f"*{dtype}", B=f"*{dtype}", C=f"*{dtype}", dy="*fp32", dt_out="*fp32", A="*fp32", dA_cs="*fp32",
                 h_in="*fp32", dstates="*fp32", dbc="*fp32")
     return cs.aot_case(f"{dtype} L={L} {'dB' if for_b else 'dC'}{' varlen' if varlen else ''}", ssd_bwd_dbc_kernel,
                        ptrs, dict(absent, L=L, BM=min(BM, L), BP=BP, BN=BN, FOR_B=for_b, IS_VARLEN=varlen),
@@ -483,8 +464,8 @@ def _dbc_case(dtype, L, for_b, varlen):
 
 
 def _dda_case(dtype, L, varlen):
-    ptrs, absent = _maps(varlen)
-    ptrs.update(x=f"*{dtype}", B=f"*{dtype}", C=f"*{dtype}", dy="*fp32", dt_out="*fp32", dA_cs="*fp32",
+    ptrs, absent = cs.maps(varlen)
+    ptrs.update(x=f"*{dtype}", B=f"*{dtype}", C=f"*{dtype}", dy="*fp32", dt_out="*fp32", A="*fp32", dA_cs="*fp32",
                 h_in="*fp32", dstates="*fp32", dda="*fp32")
     return cs.aot_case(f"{dtype} L={L}{' varlen' if varlen else ''}", ssd_bwd_dda_kernel, ptrs,
                        dict(absent, L=L, BM=min(BM, L), BP=BK_DDA, BN=BK_DDA, IS_VARLEN=varlen),
