@@ -132,7 +132,8 @@ def ssd_chunk_state_kernel(
     IS_VARLEN: tl.constexpr,
     INT64: tl.constexpr,
 ):
-    i_c = tl.program_id(0).to(tl.int64 if INT64 else tl.int32)
+    # the slot in int64 always: in int32 ptxas spilled 6 words (bf16, L = 256, varlen, sm_80)
+    i_c = tl.program_id(0).to(tl.int64)
     i_h = tl.program_id(1)
     i_pn = tl.program_id(2)
     i_n, k, i_b, bos, M = chunk_at(slots, i_c, cu_seqlens, T, W, S, IS_VARLEN, INT64)
