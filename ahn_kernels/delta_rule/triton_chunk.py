@@ -37,16 +37,16 @@ two passes over the K slices, so that no more than two [BT, BK] input tiles are 
 On CPU tensors (the Triton interpreter: tests) the launchers take whole tiles: ``whole_tiles``.
 
 Registers / spill words / shared memory per stage (ptxas via ``python -m ahn_kernels.triton_aot``,
-every option on, C = 64, the dtype's tiles; K is a loop count, so any K <= 256):
+every option on, C = 64, the dtype's tiles, 32-bit offsets; K is a loop count, so any K <= 256):
 
     stage        dtype   K, V multiples of 16       odd K, V (60, 100)
                          sm_80        | sm_90        sm_80        | sm_90
-    UT           bf16    208/0/16K    | 218/0/16K    211/0/16K    | 210/0/16K
-    UT           fp32    170/0/16K    | 188/0/16K    176/0/16K    | 192/0/16K
-    state pass   bf16    188/0/24K    | 205/0/24K    232/0/24K    | 248/0/24K
-    state pass   fp32    240/0/20K    | 207/0/20K    255/0/20K    | 240/0/20K
-    readout      bf16    128/0/24K    | 128/0/48K    223/0/20K    | 180/0/44K
-    readout      fp32    170/0/16K    | 170/0/16K    186/0/16K    | 198/0/16K
+    UT           bf16    206/0/16K    | 205/0/16K    195/0/16K    | 210/0/16K
+    UT           fp32    171/0/16K    | 188/0/16K    176/0/16K    | 190/0/16K
+    state pass   bf16    184/0/24K    | 199/0/24K    244/0/24K    | 255/0/24K
+    state pass   fp32    240/0/20K    | 197/0/20K    243/0/20K    | 227/0/20K
+    readout      bf16    127/0/24K    | 124/0/48K    209/0/20K    | 170/0/44K
+    readout      fp32    168/0/16K    | 168/0/16K    186/0/16K    | 192/0/16K
 
 fp16 is bf16's to the register. Every stage x dtype x C in {16, 32, 64} x options all on / all
 off x aligned / odd was swept once (``triton_aot.compile_case``, 216 compiles): no spill, at
