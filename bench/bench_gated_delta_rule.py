@@ -6,10 +6,10 @@ import pytest
 from ahn_kernels import benchmarks
 
 ON = benchmarks.device_and_dtype()  # (device, dtype)
-CASES = benchmarks.chunk_cases("chunk_gated_delta_rule", *ON)
 
 
 @pytest.mark.parametrize("provider", ["ahn", "transformers", "fla"])
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+@pytest.mark.cases(lambda s: benchmarks.chunk_cases("chunk_gated_delta_rule", *ON,
+                                                    Ts=tuple(T // s for T in benchmarks.CHUNK_T), ahn_T=4096 // s))
 def test_gated_delta_rule(run_case, case, provider):
     run_case(case, provider)

@@ -8,11 +8,11 @@ import pytest
 from ahn_kernels import benchmarks
 
 ON = benchmarks.device_and_dtype()  # (device, dtype)
-CASES = (benchmarks.ssd_cases(*ON) + benchmarks.ssd_cases(*ON, H=16, P=128, N=128, G=16)  # bench shape, AHN's
-         + benchmarks.ssd_long_cases(*ON) + benchmarks.ssd_state_update_cases(*ON))
 
 
 @pytest.mark.parametrize("provider", ["ahn", "transformers", "mamba_ssm"])
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+@pytest.mark.cases(lambda s: benchmarks.ssd_cases(*ON, T=4096 // s)
+                    + benchmarks.ssd_cases(*ON, T=4096 // s, H=16, P=128, N=128, G=16)  # bench shape, AHN's
+                    + benchmarks.ssd_long_cases(*ON, T=16384 // s) + benchmarks.ssd_state_update_cases(*ON))
 def test_ssd(run_case, case, provider):
     run_case(case, provider)

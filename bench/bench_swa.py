@@ -10,8 +10,6 @@ import pytest
 from ahn_kernels import benchmarks
 
 ON = benchmarks.device_and_dtype()  # (device, dtype)
-CASES = benchmarks.swa_cases(*ON)
-LONG_CASES = benchmarks.swa_long_cases(*ON)
 PROVIDERS = ["ahn", "sdpa_mask", "flex_attention", "flash_attn"]
 
 
@@ -27,13 +25,13 @@ def _run(run_case, case, provider):
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+@pytest.mark.cases(lambda s: benchmarks.swa_cases(*ON, T=4096 // s))
 def test_swa(run_case, case, provider):
     _run(run_case, case, provider)
 
 
 @pytest.mark.parametrize("provider", [*PROVIDERS, "4 x T/4"])
-@pytest.mark.parametrize("case", LONG_CASES, ids=lambda c: c.name)
+@pytest.mark.cases(lambda s: benchmarks.swa_long_cases(*ON, T=4096 // s))
 def test_swa_long(run_case, request, case, provider):
     if request.config.getoption("benchmark_disable"):
         pytest.skip("long case: timed runs only")

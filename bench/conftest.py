@@ -4,12 +4,30 @@ The terminal summary prints, per case, each provider's median, tokens/s and the
 speed-up of ``ahn`` over the case's peer (peer time / ahn time).
 With ``--benchmark-disable`` each provider runs once (a smoke test, as in CI), except the
 peers a case gives a fixed number of ``rounds`` (seconds per call), which only timed runs run.
+``--quick`` builds every case at a quarter of its T, as ``python -m ahn_kernels bench --quick``
+(the same code paths at a quarter of the cost: CI's smoke run).
 """
 
 import pytest
 
 ROUNDS = 5
 _results: dict[str, dict] = {}
+
+
+def pytest_addoption(parser):
+    parser.addoption("--quick", action="store_true", help="every case at a quarter of its T (a smoke run)")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cases(build): parametrize `case` with build(s), T divided by s "
+                                       "(4 under --quick, else 1)")
+
+
+def pytest_generate_tests(metafunc):
+    marker = metafunc.definition.get_closest_marker("cases")
+    if marker is not None:
+        s = 4 if metafunc.config.getoption("quick") else 1
+        metafunc.parametrize("case", marker.args[0](s), ids=lambda c: c.name)
 
 
 @pytest.fixture

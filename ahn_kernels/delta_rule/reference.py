@@ -87,18 +87,22 @@ def recurrent(q, k, v, beta, g=None, scale=None, initial_state=None, cu_seqlens=
     q, k, v, beta, g, h0, scale = _prepare(q, k, v, beta, g, scale, initial_state, cu_seqlens, use_qk_l2norm)
     q, k, v = _expand_heads(q, HS), _expand_heads(k, HS), _expand_heads(v, HS)
     W, S = lag if lag is not None else (0, 0)
+    zeros = q.new_zeros(HS, V)  # [HS, V]
+    # Per-token views by unbinding, not indexing: the backward of each x[b, j] would
+    # materialise a zero tensor of x's full size (autograd O(T^2) over the loop).
+    q, k, v, beta, g = ([xb.unbind(0) for xb in x.unbind(0)] for x in (q, k, v, beta, g))
     outs, finals = [], []
     for n, (b, start, end) in enumerate(_sequences(B, T, cu_seqlens)):
         h = h0[n]  # [HS, K, V]
-        rows = [q.new_zeros(HS, V)] * min(end - start, S + W)
+        rows = [zeros] * min(end - start, S + W)
         for t in range(start + S + W, end):
             j = t - W
-            kj, bj = k[b, j], beta[b, j][:, None, None]  # [HS, K], [HS, 1, 1]
+            kj, bj = k[b][j], beta[b][j][:, None, None]  # [HS, K], [HS, 1, 1]
             kh = torch.einsum("hk,hkv->hv", kj, h)
-            h = g[b, j].exp()[:, None, None] * (h - bj * kj[:, :, None] * kh[:, None, :])
-            h = h + bj * kj[:, :, None] * v[b, j][:, None, :]
-            rows.append(scale * torch.einsum("hk,hkv->hv", q[b, t], h))
-        outs.append(torch.stack(rows) if rows else q.new_zeros(0, HS, V))  # [T_seq, HS, V]
+            h = g[b][j].exp()[:, None, None] * (h - bj * kj[:, :, None] * kh[:, None, :])
+            h = h + bj * kj[:, :, None] * v[b][j][:, None, :]
+            rows.append(scale * torch.einsum("hk,hkv->hv", q[b][t], h))
+        outs.append(torch.stack(rows) if rows else zeros.new_zeros(0, HS, V))  # [T_seq, HS, V]
         finals.append(h)
     o = torch.stack(outs) if cu_seqlens is None else torch.cat(outs)[None]  # [B, T, HS, V]
     ht = torch.stack(finals) if finals else h0  # [N, HS, K, V]

@@ -110,6 +110,9 @@ def recurrent(x, dt, A, B, C, D=None, z=None, dt_bias=None, initial_states=None,
     window, sinks = lag or (0, 0)
     spans = _spans(Bsz, T, cu_seqlens)
     h0 = _initial(initial_states, len(spans), H, P, n_state, cd, x.device)
+    # Per-token views by unbinding, not indexing: the backward of each xf[i] would
+    # materialise a zero tensor of xf's full size (autograd O(T^2) over the loop).
+    xs, dts, Bs, Cs = xf.unbind(0), dtf.unbind(0), Bh.unbind(0), Ch.unbind(0)
     rows, finals = [], []
     for n, (bos, eos) in enumerate(spans):
         h = h0[n]
@@ -118,8 +121,8 @@ def recurrent(x, dt, A, B, C, D=None, z=None, dt_bias=None, initial_states=None,
             if j < sinks:
                 rows.append(xf.new_zeros(H, P))  # empty memory
                 continue
-            h = _absorb(h, xf[bos + j], dtf[bos + j], A, Bh[bos + j])
-            rows.append(torch.einsum("hpn,hn->hp", h, Ch[bos + t]))
+            h = _absorb(h, xs[bos + j], dts[bos + j], A, Bs[bos + j])
+            rows.append(torch.einsum("hpn,hn->hp", h, Cs[bos + t]))
         finals.append(h)
     y = torch.stack(rows) if rows else xf.new_zeros(0, H, P)  # [B * T, H, P]
     y = _finish(y, xf, D, None if z is None else z.reshape(Bsz * T, H, P))
